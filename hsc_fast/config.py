@@ -1,0 +1,366 @@
+"""Configuration: YAML file -> dataclasses -> `--set key=value` overrides.
+
+Every field has a default, a type and a one-line help (dataclass metadata "help"), so the
+config reference in the README and `--help` come from one place. Unknown keys and wrong types
+raise `ConfigError` naming the key before any work starts. The DeepSpeed JSON holds only
+engine settings (ZeRO stage, bf16, gradient accumulation, clipping), never method settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESET_DIR = REPO_ROOT / "configs"
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with a help string (mutable defaults handled)."""
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    train: str = _f("", "training data: shard brace URL, shard index.json, or a VOC root folder")
+    train_list: str = _f("", "id list for folder loading (ignored for shards)")
+    sbd_root: str = _f("", "SBD root for folder loading (img/, cls/)")
+    cls_labels: str = _f("", "cls_labels.npy (IRN int keys or SEAM str keys) for folder loading")
+    saliency_root: str = _f("", "saliency maps folder (EPS) for folder loading")
+    batch_size: int = _f(12, "images per rank per micro-step")
+    workers: int = _f(2, "data loader worker processes per rank")
+    shuffle_buffer: int = _f(256, "WebDataset sample shuffle buffer")
+    resize_long: list = _f([448, 768], "random long-side resize range [min, max] (view 1)")
+    crop_size: int = _f(448, "random crop size of view 1 (pad: image 0, mask 255)")
+    view2_size: int = _f(128, "view 2 = view 1 resized to this square size (on the device)")
+    flip: bool = _f(True, "random horizontal flip")
+    color_jitter: list = _f([0.3, 0.3, 0.3, 0.1], "brightness, contrast, saturation, hue")
+    mean: list = _f([0.485, 0.456, 0.406], "normalisation mean (ImageNet)")
+    std: list = _f([0.229, 0.224, 0.225], "normalisation std (ImageNet)")
+    epoch_samples: int = _f(0, "samples per rank per epoch (0: dataset size / world size)")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _f("resnet38", "resnet38 | resnet50 | resnet18 (dilated, output stride 8)")
+    weights: str = _f("", "ImageNet weights: mxnet .params or .pth state dict ('' = random init)")
+    allow_random_init: bool = _f(False, "permit training without pretrained weights")
+    num_classes: int = _f(21, "CAM channels including background (last)")
+    pcm: bool = _f(True, "build SEAM's pixel correlation module")
+    rsc_proj: str = _f("official", "RSC/CSC projector: official (3x3 conv+BN+ReLU, 1x1) | paper (two conv-ReLU)")
+    rsc_dim: int = _f(256, "RSC/CSC embedding dimension")
+    psc_dim: int = _f(128, "PSC embedding dimension")
+    frozen_bn: bool = _f(True, "keep all BatchNorm layers in eval mode with frozen affine")
+    channels_last: bool = _f(False, "use channels_last memory format on GPU")
+
+
+@dataclass
+class LossConfig:
+    method: str = _f("hsc_eps", "seam | eps | ppc_seam | ppc_eps | hsc_seam | hsc_eps")
+    impl: str = _f("auto", "loss kernels: auto (Triton on CUDA) | triton | torch")
+    tau: float = _f(0.1, "InfoNCE temperature")
+    bg_threshold: float = _f(0.10, "constant background score of the normalised CAM")
+    contrast_size: int = _f(16, "resolution of the contrast maps (0 = feature resolution)")
+    use_rsc: bool = _f(True, "ROI-level semantic contrast")
+    use_csc: bool = _f(True, "class-level semantic contrast")
+    use_psc: bool = _f(True, "pixel-level semantic contrast")
+    cross_supervision: bool = _f(True, "cross-view terms (paper Table 4 'CS')")
+    momentum_prototypes: bool = _f(True, "momentum prototype term in PSC (Table 4 'MPL')")
+    train_crf: bool = _f(True, "refine training pseudo-labels with the dense CRF")
+    rsc_weight: float = _f(0.1, "weight of RSC")
+    csc_weight: float = _f(0.1, "weight of CSC")
+    psc_weight: float = _f(0.1, "weight of PSC")
+    rsc_normalize: str = _f("width", "RSC feature normalisation axis: width (official bug) | channel")
+    rsc_momentum: float = _f(0.5, "RSC bank EMA weight of the new value")
+    csc_topk: int = _f(128, "CSC batch-wide top-k pixels per class (class vector)")
+    csc_update_topk: int = _f(16, "CSC top-k pixels used for the bank update")
+    csc_momentum: float = _f(0.5, "CSC bank EMA weight of the new value")
+    psc_topk: int = _f(16, "PSC batch-wide top-k pixels per class (prototypes)")
+    psc_momentum: float = _f(0.5, "PSC bank EMA weight of the new value")
+    crf_gt_prob: float = _f(0.7, "training CRF: unary confidence of the label")
+    crf_iters: int = _f(10, "training CRF mean-field iterations")
+    crf_gauss_sxy: float = _f(3.0, "training CRF Gaussian kernel sxy")
+    crf_gauss_compat: float = _f(3.0, "training CRF Gaussian kernel compat")
+    crf_bi_sxy: float = _f(50.0, "training CRF bilateral sxy")
+    crf_bi_srgb: float = _f(5.0, "training CRF bilateral srgb")
+    crf_bi_compat: float = _f(10.0, "training CRF bilateral compat")
+    # Baseline terms
+    seam_er_weight: float = _f(1.0, "SEAM equivariant regularisation weight")
+    seam_ecr_weight: float = _f(1.0, "SEAM equivariant cross regularisation weight")
+    eps_sal_weight: float = _f(1.0, "EPS saliency loss weight")
+    eps_tau: float = _f(0.5, "EPS saliency threshold")
+    eps_alpha: float = _f(0.5, "EPS saliency mixing alpha")
+    ppc_weight: float = _f(0.1, "PPC loss weight")
+
+    @classmethod
+    def official(cls, **kw) -> "LossConfig":
+        """What the authors' code computes (the published 64.3 / 71.8 seed mIoU)."""
+        return cls(**kw)
+
+    @classmethod
+    def paper(cls, **kw) -> "LossConfig":
+        """The values the paper states: k_c=16, k_p=32, lambda=0.9, channel-wise normalisation,
+        contrast at feature resolution."""
+        base = dict(rsc_normalize="channel", csc_topk=16, csc_update_topk=16, psc_topk=32,
+                    rsc_momentum=0.9, csc_momentum=0.9, psc_momentum=0.9, contrast_size=0)
+        base.update(kw)
+        return cls(**base)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(0.01, "base learning rate (backbone weights; x2 biases, x10/x20 new layers)")
+    weight_decay: float = _f(5e-4, "weight decay")
+    momentum: float = _f(0.9, "SGD momentum (used unless official_momentum_quirk)")
+    official_momentum_quirk: bool = _f(True, "official bug: weight decay value passed as momentum")
+    poly_power: float = _f(0.9, "poly schedule power")
+    poly_steps: int = _f(13215, "steps over which the poly schedule decays (official: 13215)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(20000, "optimiser steps")
+    save_every: int = _f(1000, "checkpoint every N steps (and at the end)")
+    keep_last: int = _f(3, "checkpoints kept")
+    log_every: int = _f(10, "metrics row / progress update every N steps")
+    seed: int = _f(0, "base random seed (rank r uses seed + r for data)")
+    deterministic: bool = _f(False, "deterministic algorithms (bitwise-resumable on CPU)")
+    max_nonfinite: int = _f(5, "abort (with a checkpoint) after this many non-finite losses in a row")
+    compile: bool = _f(False, "torch.compile the model")
+    dist_timeout_s: int = _f(120, "collective timeout: a dead rank makes the others exit after this")
+    tensorboard: bool = _f(True, "write TensorBoard events")
+    image_every: int = _f(0, "write CAM pictures every N steps (0: off)")
+
+
+@dataclass
+class SeedConfig:
+    scales: list = _f([0.5, 1.0, 1.5, 2.0], "inference scales")
+    flip: bool = _f(True, "add horizontally flipped inputs")
+    fp16: bool = _f(False, "store CAM .npy as float16")
+    thresholds: str = _f("0.00:0.60:0.01", "background threshold sweep A:B:STEP (B excluded)")
+    bg_threshold: float = _f(-1.0, "threshold for seeds (-1: best of the sweep)")
+    crf_alpha: float = _f(7.0, "CRF bg probability (1 - max fg)^alpha")
+    crf_iters: int = _f(8, "CRF iterations")
+    crf_backend: str = _f("pydensecrf", "pydensecrf | gpu")
+    crf_gauss_sxy: float = _f(3.0, "CRF Gaussian sxy")
+    crf_gauss_compat: float = _f(3.0, "CRF Gaussian compat")
+    crf_bi_sxy: float = _f(80.0, "CRF bilateral sxy")
+    crf_bi_srgb: float = _f(13.0, "CRF bilateral srgb")
+    crf_bi_compat: float = _f(10.0, "CRF bilateral compat")
+    eval_list: str = _f("", "ids evaluated (default: VOC train list)")
+
+
+@dataclass
+class DeeplabConfig:
+    backbone: str = _f("resnet101", "resnet101 | resnet50 | resnet18 (dilated OS 8)")
+    head: str = _f("v2", "v2 (ASPP 6/12/18/24 summed) | v3 (ASPP + image pooling)")
+    weights: str = _f("", "ImageNet torchvision-format weights file")
+    allow_random_init: bool = _f(False, "permit training without pretrained weights")
+    lr: float = _f(0.001, "base lr (x10 head)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "weight decay")
+    poly_power: float = _f(0.9, "poly power")
+    batch_size: int = _f(10, "images per rank")
+    max_steps: int = _f(20000, "iterations")
+    crop_size: int = _f(448, "crop (pad image 0, label 255)")
+    scale_range: list = _f([0.5, 1.5], "random scale range")
+    test_scales: list = _f([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "test scales (with flip)")
+    test_crf: bool = _f(True, "CRF at test time")
+    save_every: int = _f(1000, "checkpoint every N steps")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seeds: SeedConfig = field(default_factory=SeedConfig)
+    deeplab: DeeplabConfig = field(default_factory=DeeplabConfig)
+    preset: str = field(default="", metadata={"help": "name of the preset this config came from"})
+
+
+# --------------------------------------------------------------------------------------------
+# Machinery
+# --------------------------------------------------------------------------------------------
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to type `tp` where lossless (int -> float), else raise."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(value, args[0], key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is list or origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
+        return value
+    if tp in (int, float, str, bool):
+        if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+            raise ConfigError(
+                f"config key '{key}': expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a (nested) dict; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)} in {where}; "
+                          f"known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value or {}, key + ".")
+        else:
+            kwargs[name] = _check_value(value, tp, key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_preset_path(name_or_path: str) -> Path:
+    """A YAML path, or a preset name from configs/ (with or without .yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (PRESET_DIR / name_or_path, PRESET_DIR / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    presets = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file '{name_or_path}' not found (presets: {presets})")
+
+
+def load_yaml_dict(path: Path) -> dict:
+    """Read a YAML config; `base: other.yaml` inherits (relative to the file)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}': not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base:
+        base_path = (Path(path).parent / base) if not Path(base).is_absolute() else Path(base)
+        data = _merge(load_yaml_dict(resolve_preset_path(str(base_path))), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'loss.tau=0.2' -> (['loss', 'tau'], 0.2). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value (e.g. loss.tau=0.2)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML: {e}") from e
+    if value is None and raw.strip() not in ("null", "~"):
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _merge({}, data)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """YAML (or preset name) -> RunConfig, then `key=value` overrides. Validates everything."""
+    data = load_yaml_dict(resolve_preset_path(path)) if path else {}
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+_CHOICES = {
+    "model.backbone": ("resnet38", "resnet50", "resnet18"),
+    "model.rsc_proj": ("official", "paper"),
+    "loss.method": ("seam", "eps", "ppc_seam", "ppc_eps", "hsc_seam", "hsc_eps"),
+    "loss.impl": ("auto", "triton", "torch"),
+    "loss.rsc_normalize": ("width", "channel"),
+    "seeds.crf_backend": ("pydensecrf", "gpu"),
+    "deeplab.backbone": ("resnet101", "resnet50", "resnet18"),
+    "deeplab.head": ("v2", "v3"),
+}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    for key, choices in _CHOICES.items():
+        sec, name = key.split(".")
+        value = getattr(getattr(cfg, sec), name)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+    if len(cfg.data.resize_long) != 2 or cfg.data.resize_long[0] > cfg.data.resize_long[1]:
+        raise ConfigError(f"config key 'data.resize_long': expected [min, max], got {cfg.data.resize_long}")
+    for key in ("data.batch_size", "data.crop_size", "data.view2_size", "train.max_steps"):
+        sec, name = key.split(".")
+        if getattr(getattr(cfg, sec), name) <= 0:
+            raise ConfigError(f"config key '{key}': must be positive")
+    if cfg.data.workers < 0:
+        raise ConfigError("config key 'data.workers': must be >= 0")
+
+
+def describe(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) rows for every field: the README config reference and --help."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+        else:
+            rows.append((prefix + f.name, getattr(tp, "__name__", str(tp)),
+                         getattr(defaults, f.name), f.metadata.get("help", "")))
+    return rows
