@@ -62,6 +62,9 @@ class ModelConfig:
     rsc_dim: int = _f(256, "RSC/CSC embedding dimension")
     psc_dim: int = _f(128, "PSC embedding dimension")
     frozen_bn: bool = _f(True, "keep all BatchNorm layers in eval mode with frozen affine")
+    freeze_stem: bool = _f(True, "official: never train conv1a + stage b2 (torchvision: conv1 + layer1)")
+    projectors: bool = _f(True, "build the RSC/CSC and PSC projectors (needed by the HSC methods only)")
+    proj_lr_quirk: bool = _f(True, "official bug: RSC/CSC projector trains at backbone lr (1x/2x), not 10x/20x")
     channels_last: bool = _f(False, "use channels_last memory format on GPU")
 
 
@@ -102,6 +105,8 @@ class LossConfig:
     eps_tau: float = _f(0.5, "EPS saliency threshold")
     eps_alpha: float = _f(0.5, "EPS saliency mixing alpha")
     ppc_weight: float = _f(0.1, "PPC loss weight")
+    ecr_onehot_fix: bool = _f(False, "SEAM ECR one-hot: false = official (keeps channel 0, SEAM's bg-first "
+                              "helper on bg-last CAMs) | true = keep the real bg channel 20")
 
     @classmethod
     def official(cls, **kw) -> "LossConfig":
@@ -141,6 +146,8 @@ class TrainConfig:
     dist_timeout_s: int = _f(120, "collective timeout: a dead rank makes the others exit after this")
     tensorboard: bool = _f(True, "write TensorBoard events")
     image_every: int = _f(0, "write CAM pictures every N steps (0: off)")
+    ds_config: str = _f("", "DeepSpeed engine JSON (ZeRO stage, bf16, grad accumulation, clipping); '' = ZeRO 0 fp32")
+    bf16_autocast: bool = _f(True, "bf16 autocast of forward + losses on CUDA (ignored on CPU)")
 
 
 @dataclass
