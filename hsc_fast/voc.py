@@ -262,7 +262,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return getattr(multiarray, name)
 
 
-def _load_npy_dict(path: Union[str, os.PathLike]) -> dict:
+def load_pickled_npy_dict(path: Union[str, os.PathLike]) -> dict:
+    """Read a `.npy` holding a pickled dict (IRN cls_labels, SEAM CAM files) WITHOUT arbitrary
+    unpickling: only numpy arrays and scalars are rebuilt; anything else raises DataError."""
     data = _read_bytes(path)
     fmt = np.lib.format
     f = io.BytesIO(data)
@@ -275,11 +277,11 @@ def _load_npy_dict(path: Union[str, os.PathLike]) -> dict:
     except ValueError as e:
         raise DataError(f"{path}: not a .npy file ({e})") from e
     if shape != () or dtype != np.dtype(object):
-        raise DataError(f"{path}: .npy holds {dtype} {shape}; expected a pickled dict (IRN cls_labels.npy)")
+        raise DataError(f"{path}: .npy holds {dtype} {shape}; expected a pickled dict")
     try:
         obj = _NumpyOnlyUnpickler(f).load()
     except Exception as e:  # any unpickling failure is a malformed label file
-        raise DataError(f"{path}: cannot read the pickled label dict ({e})") from e
+        raise DataError(f"{path}: cannot read the pickled dict ({e})") from e
     if isinstance(obj, np.ndarray) and obj.shape == () and obj.dtype == object:
         obj = obj.item()
     return obj
@@ -334,7 +336,7 @@ def load_cls_labels(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
             raise DataError(f"{path}: not valid JSON ({e})") from e
         value_of = _json_value
     elif suffix == ".npy":
-        raw = _load_npy_dict(path)
+        raw = load_pickled_npy_dict(path)
         value_of = _multihot_from_value
     else:
         raise DataError(f"{path}: label file must be .npy (IRN/SEAM) or .json")
