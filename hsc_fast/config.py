@@ -184,6 +184,9 @@ class DeeplabConfig:
     scale_range: list = _f([0.5, 1.5], "random scale range")
     test_scales: list = _f([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "test scales (with flip)")
     test_crf: bool = _f(True, "CRF at test time")
+    flip: bool = _f(True, "random horizontal flip in training")
+    test_flip: bool = _f(True, "add horizontally flipped inputs at test time")
+    crf_backend: str = _f("pydensecrf", "test CRF backend: pydensecrf | gpu (hsc_fast.crf)")
     save_every: int = _f(1000, "checkpoint every N steps")
 
 

@@ -1,0 +1,95 @@
+"""CAM helpers shared by the losses: normalisation, pseudo-labels, resizing, classification.
+
+Layout: CAMs are (N,21,h,w) with the background LAST (channel 20); image labels are (N,20)
+multi-hot, and `label_with_bg` appends the always-present background.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import BG_INDEX, NUM_CLASSES, NUM_FG
+from ..ops import upcast, LossInputError
+
+CAM_EPS = 1e-5  # the official min-max normalisation epsilon
+
+
+def label_with_bg(label: torch.Tensor) -> torch.Tensor:
+    """(N,20) multi-hot -> (N,21,1,1) with a 1 appended for the background."""
+    if label.dim() != 2 or label.shape[1] != NUM_FG:
+        raise LossInputError(f"label: expected (N,{NUM_FG}) multi-hot, got {tuple(label.shape)}")
+    ones = torch.ones(label.shape[0], 1, dtype=label.dtype, device=label.device)
+    return torch.cat([label, ones], dim=1)[:, :, None, None]
+
+
+def check_cam(name: str, cam: torch.Tensor) -> None:
+    if cam.dim() != 4 or cam.shape[1] != NUM_CLASSES:
+        raise LossInputError(f"{name}: expected (N,{NUM_CLASSES},h,w) with bg last, got {tuple(cam.shape)}")
+
+
+def normalize_cam(cam: torch.Tensor, bg_threshold: float = 0.10) -> torch.Tensor:
+    """Official per-view normalisation (no gradient), float32.
+
+    ReLU; per image and channel, values below min+1e-5 are set to 0 and then
+    (x - min - 1e-5) / (max - min + 1e-5) -- so those set to 0 end slightly negative (a constant
+    channel becomes -1) exactly as in the authors' code; channel 20 = bg_threshold.
+    """
+    check_cam("cam", cam)
+    x = F.relu(upcast(cam.detach()))
+    flat = x.flatten(2)
+    hi = flat.max(dim=-1).values[..., None, None]
+    lo = flat.min(dim=-1).values[..., None, None]
+    x = torch.where(x < lo + CAM_EPS, torch.zeros_like(x), x)
+    out = (x - lo - CAM_EPS) / (hi - lo + CAM_EPS)
+    out[:, BG_INDEX] = bg_threshold
+    return out
+
+
+def label_scores(cam_norm: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """softmax over the 21 channels of cam_norm * [label, 1] (absent classes get logit 0)."""
+    return F.softmax(cam_norm * label_with_bg(label).to(cam_norm.dtype), dim=1)
+
+
+def pseudo_labels(cam_norm: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """(N,h,w) int64 in 0..20: argmax of the label-masked softmax (first maximum on ties)."""
+    return label_scores(cam_norm, label).argmax(dim=1)
+
+
+def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear, align_corners=True (the official resize); identity when already that size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def contrast_hw(contrast_size: int, view1: torch.Tensor) -> tuple[int, int]:
+    """Resolution the HSC losses compare at: contrast_size square (official 16), or for 0 the
+    view-1 feature resolution (view 2 is then upsampled to it, so pixels pair up across views)."""
+    if contrast_size < 0:
+        raise LossInputError(f"loss.contrast_size: must be >= 0, got {contrast_size}")
+    if contrast_size == 0:
+        return tuple(view1.shape[-2:])
+    return (contrast_size, contrast_size)
+
+
+def resize_to_contrast(x: torch.Tensor, contrast_size: int, view1: torch.Tensor | None = None) -> torch.Tensor:
+    """Resize a (N,C,h,w) map to the contrast resolution (see `contrast_hw`)."""
+    return resize_to(x, contrast_hw(contrast_size, x if view1 is None else view1))
+
+
+def classification_loss(cam: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Multilabel soft-margin on the global average pool of the 20 foreground channels."""
+    check_cam("cam", cam)
+    pred = upcast(cam).mean(dim=(2, 3))
+    return F.multilabel_soft_margin_loss(pred[:, :NUM_FG], upcast(label))
+
+
+def crf_images(img: torch.Tensor, size: tuple[int, int], mean, std) -> torch.Tensor:
+    """The training-CRF image: a normalised (N,3,H,W) image resized (bilinear, align_corners)
+    to `size`, de-normalised to 0..255 and truncated to uint8 like the official astype(uint8)
+    (clamped first: out-of-range values would wrap there)."""
+    small = resize_to(upcast(img.detach()), size)
+    mean_t = torch.tensor(mean, dtype=small.dtype, device=small.device)[None, :, None, None] * 255
+    std_t = torch.tensor(std, dtype=small.dtype, device=small.device)[None, :, None, None] * 255
+    pixels = small * std_t + mean_t
+    return pixels.clamp(0, 255).floor().to(torch.uint8)

@@ -1,0 +1,131 @@
+"""`method_losses`: every loss term of one training step for the configured method.
+
+Methods (LossConfig.method), all two-view (view 2 = view 1 resized) as the authors' code:
+  seam      cls + er + ecr  (cls = GAP soft-margin of both views + SEAM adaptive min-pooling)
+  eps       seam + EPS saliency loss (the authors' "EPS" baseline: their run minus HSC)
+  ppc_seam  seam + PPC;  ppc_eps  eps + PPC
+  hsc_seam  seam + RSC + CSC + PSC;  hsc_eps  eps + RSC + CSC + PSC (the official run)
+Ablation switches: use_rsc / use_csc / use_psc, cross_supervision, momentum_prototypes,
+train_crf (CRF-refined pseudo-labels for RSC/PSC; off: the argmax labels).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import ConfigError
+from ..ops import upcast, LossInputError
+from ..prototypes import DistContext, PrototypeBanks
+from .baselines import adaptive_min_pooling_loss, eps_saliency_loss, ppc_loss, seam_er_ecr
+from .cam import (classification_loss, contrast_hw, crf_images, normalize_cam, pseudo_labels,
+                  resize_to)
+from .hsc import csc_loss, psc_loss, rsc_loss
+
+METHODS = ("seam", "eps", "ppc_seam", "ppc_eps", "hsc_seam", "hsc_eps")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_crf_fn():
+    from ..crf_dense import dense_crf_labels  # lazy: tests and CRF-free runs never import it
+    return dense_crf_labels
+
+
+def _refined_labels(cam_map, label, images, cfg, crf_fn):
+    labels = pseudo_labels(cam_map, label)
+    if not cfg.train_crf:
+        return labels
+    crf_fn = crf_fn or default_crf_fn()
+    out = crf_fn(images, labels, n_labels=cam_map.shape[1], gt_prob=cfg.crf_gt_prob, iters=cfg.crf_iters,
+                 gauss_sxy=cfg.crf_gauss_sxy, gauss_compat=cfg.crf_gauss_compat, bi_sxy=cfg.crf_bi_sxy,
+                 bi_srgb=cfg.crf_bi_srgb, bi_compat=cfg.crf_bi_compat)
+    return torch.as_tensor(out).to(device=labels.device, dtype=torch.int64)
+
+
+def contrast_inputs(out1, out2, batch, cfg, crf_fn=None, img_mean=IMAGENET_MEAN, img_std=IMAGENET_STD):
+    """Everything the HSC/PPC losses compare, at the contrast resolution: normalised CAMs,
+    pseudo-labels (CRF-refined with the view-2 image, as the official code), both projector maps."""
+    cam1, cam2 = out1.get("cam_rv", out1["cam"]), out2.get("cam_rv", out2["cam"])
+    hw = contrast_hw(cfg.contrast_size, cam1)
+    c = {"cam1": normalize_cam(resize_to(cam1, hw), cfg.bg_threshold),
+         "cam2": normalize_cam(resize_to(cam2, hw), cfg.bg_threshold)}
+    for key in ("feat_rsc", "feat_psc"):
+        if key in out1:
+            c[key + "1"] = resize_to(out1[key], hw)
+            c[key + "2"] = resize_to(out2[key], hw)
+    label = batch["label"]
+    images = crf_images(batch["img2"], hw, img_mean, img_std) if cfg.train_crf else None
+    with torch.no_grad():
+        c["y1"] = _refined_labels(c["cam1"], label, images, cfg, crf_fn)
+        c["y2"] = _refined_labels(c["cam2"], label, images, cfg, crf_fn)
+    return c
+
+
+def baseline_terms(out1, out2, batch, cfg, with_saliency: bool) -> dict[str, torch.Tensor]:
+    """cls (+ min-pooling), er, ecr and optionally EPS's saliency term, as the official run."""
+    label = upcast(batch["label"])
+    cam1, cam2 = out1["cam"], out2["cam"]
+    rv1, rv2 = out1.get("cam_rv", cam1), out2.get("cam_rv", cam2)
+    terms = {}
+    terms["cls"] = ((classification_loss(cam1, label) + classification_loss(cam2, label)) / 2 +
+                    (adaptive_min_pooling_loss(rv1, label) + adaptive_min_pooling_loss(rv2, label)) / 2)
+    er, ecr = seam_er_ecr(cam1, cam2, rv1, rv2, label, onehot_fixed=cfg.ecr_onehot_fix)
+    terms["er"], terms["ecr"] = cfg.seam_er_weight * er, cfg.seam_ecr_weight * ecr
+    if with_saliency:
+        if "sal" not in batch:
+            raise LossInputError(f"method {cfg.method!r} needs saliency maps: batch has no 'sal' "
+                                 "(set data.saliency_root or use a shard set with saliency)")
+        sal1 = upcast(batch["sal"])
+        sal2 = resize_to(sal1, tuple(batch["img2"].shape[-2:]))
+        sal = lambda cam, s: eps_saliency_loss(cam, s, label, cfg.eps_tau, cfg.eps_alpha)  # noqa: E731
+        terms["sal"] = cfg.eps_sal_weight * ((sal(cam1, sal1) + sal(cam2, sal2)) / 2 +
+                                             (sal(rv1, sal1) + sal(rv2, sal2)) / 2)
+    return terms
+
+
+def _bank_dict(banks) -> dict[str, torch.Tensor]:
+    if isinstance(banks, PrototypeBanks):
+        return banks.as_dict()
+    if isinstance(banks, dict):
+        return banks
+    raise LossInputError(f"banks: expected PrototypeBanks or a dict of tensors, got {type(banks).__name__}")
+
+
+def method_losses(out1: dict, out2: dict, batch: dict, banks, cfg, crf_fn: Optional[Callable] = None, *,
+                  dist_ctx: Optional[DistContext] = None, img_mean=IMAGENET_MEAN, img_std=IMAGENET_STD,
+                  generator: Optional[torch.Generator] = None):
+    """All loss terms of one step -> (dict of named terms incl. "total", new banks dict).
+
+    out1/out2: model outputs for view 1 / view 2 ("cam", "cam_rv", "feat_rsc", "feat_psc").
+    batch: "label" (N,20), "img2" (view 2, normalised), "sal" for the EPS methods.
+    banks: PrototypeBanks or dict rsc1/rsc2/csc1/csc2/psc1/psc2; the returned dict holds the
+    updated banks (unchanged ones included); copy them back with PrototypeBanks.update_.
+    """
+    if cfg.method not in METHODS:
+        raise ConfigError(f"loss.method: {cfg.method!r} is not one of {', '.join(METHODS)}")
+    base, _, extra = cfg.method.partition("_") if "_" in cfg.method else ("", "", cfg.method)
+    backbone = extra  # "seam" | "eps"
+    terms = baseline_terms(out1, out2, batch, cfg, with_saliency=(backbone == "eps"))
+    old = _bank_dict(banks)
+    new = dict(old)
+    if base in ("hsc", "ppc"):
+        c = contrast_inputs(out1, out2, batch, cfg, crf_fn, img_mean, img_std)
+    if base == "ppc":
+        terms["ppc"] = ppc_loss(c["cam1"], c["feat_psc1"], c["cam2"], c["feat_psc2"], c["y1"], c["y2"],
+                                cfg, impl=cfg.impl, generator=generator)
+    if base == "hsc":
+        kw = dict(impl=cfg.impl, dist_ctx=dist_ctx)
+        if cfg.use_rsc:
+            terms["rsc"], new["rsc1"], new["rsc2"] = rsc_loss(
+                c["feat_rsc1"], c["feat_rsc2"], c["y1"], c["y2"], old["rsc1"], old["rsc2"], cfg, **kw)
+        if cfg.use_csc:
+            terms["csc"], new["csc1"], new["csc2"] = csc_loss(
+                c["feat_rsc1"], c["cam1"], c["feat_rsc2"], c["cam2"], batch["label"],
+                old["csc1"], old["csc2"], cfg, **kw)
+        if cfg.use_psc:
+            terms["psc"], new["psc1"], new["psc2"] = psc_loss(
+                c["cam1"], c["feat_psc1"], c["cam2"], c["feat_psc2"], c["y1"], c["y2"],
+                old["psc1"], old["psc2"], cfg, **kw)
+    terms["total"] = sum(terms.values())
+    return terms, new

@@ -1,0 +1,184 @@
+"""Reference primitives of the HSC losses and their kernel dispatch.
+
+These PyTorch functions are the single source of truth for the math of the fused Triton kernels
+in `kernels/` (which must match them to float32 round-off). Each takes `impl`:
+  "torch"  -> the reference below;
+  "triton" -> `kernels.<op>.<op>_triton` (imported lazily; runs on CPU under TRITON_INTERPRET=1);
+  "auto"   -> Triton when the input is on CUDA and triton imports, else the reference.
+
+The references compute in float32 (float64 inputs stay float64, for gradcheck); the losses
+are tiny next to the network, and bf16 here would cost accuracy for no speed.
+
+roi_pool(feats (N,D,P), masks (N,K,P)) -> (N,K,D)
+    v = sum_p m*f / (sum_p m + count_eps);  out = v / max(||v||_2, norm_eps)
+    (the official RSC form: masked mean with +1e-5 on the count, then F.normalize(eps=1e-5)).
+    An empty mask gives v = 0 and out = 0. Gradient: to feats; masks are constants.
+
+topk_proto(scores (C,M), feats (M,D), k) -> (C,D)
+    For each row c take the top-max(k, k_denom) candidates by score (k and k_denom clipped to M;
+    ties in any order). num = sum over the top-k of s*f; den = sum over the top-k_denom of s
+    (k_denom defaults to k). proto = num / den, then v / max(||v||, 1e-12) if normalize
+    (F.normalize's default eps, as the official CSC/PSC code). A row whose den is exactly 0
+    (e.g. all-zero scores) uses den = 1, so it yields num (zero for all-zero scores) and, after
+    normalisation, the zero vector: finite where the official code gives NaN.
+    Gradient: to feats; scores are constants (the losses pass detached CAM scores).
+
+psc_terms(f1, f2 (M,D), y1, y2 (M,) int64 in 0..20, p1, p2, m1, m2 (21,D)) -> (4,)
+    e = f / max(||f||, 1e-12) per pixel; nce(e, P, y) = mean_i [logsumexp_k(e_i.P_k/tau) - e_i.P_{y_i}/tau]
+    [cross_proto, cross_label, intra, memory] =
+      [(nce(e1,p2,y1) + nce(e2,p1,y2))/2, (nce(e1,p1,y2) + nce(e2,p2,y1))/2,
+       (nce(e1,p1,y1) + nce(e2,p2,y2))/2, (nce(e1,m1,y1) + nce(e2,m2,y2))/2]
+    equal to the official -log(exp(pos)/sum exp) wherever that is finite (log-sum-exp is stable
+    where the official form overflows). Gradient: to f1 and f2 only; p/m banks are constants.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, HscError
+
+IMPLS = ("auto", "triton", "torch")
+
+
+class LossInputError(HscError, ValueError):
+    """A loss or primitive got tensors of the wrong shape (the message names the argument)."""
+PROTO_NORM_EPS = 1e-12  # F.normalize default, as the official CSC/PSC prototypes
+EMBED_NORM_EPS = 1e-12  # F.normalize default, as the official PSC pixel embeddings
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install on an odd platform
+        return False
+    return True
+
+
+def use_triton(impl: str, tensor: torch.Tensor) -> bool:
+    """Decide the implementation: see the module docstring."""
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        return True
+    if impl == "auto":
+        return tensor.is_cuda and triton_available()
+    raise ConfigError(f"loss.impl: {impl!r} is not one of {', '.join(IMPLS)}")
+
+
+def _dispatch(kernel: str, impl: str, tensor: torch.Tensor, reference):
+    """`kernels.<module>.<function>` (kernel = "module.function") when Triton is chosen, else
+    `reference`. Imported lazily: CPU-only users never import triton."""
+    if not use_triton(impl, tensor):
+        return reference
+    module, function = kernel.rsplit(".", 1)
+    return getattr(importlib.import_module(f"kernels.{module}"), function)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """float64 stays (gradcheck), everything else computes in float32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
+    """x / max(||x||_2, eps) along `dim` (F.normalize, named for readability)."""
+    return F.normalize(x, p=2.0, dim=dim, eps=eps)
+
+
+# ------------------------------------------------------------------------------------------
+# roi_pool
+# ------------------------------------------------------------------------------------------
+def roi_pool_reference(feats, masks, count_eps=1e-5, norm_eps=1e-5):
+    feats = upcast(feats)
+    masks = upcast(masks.detach())
+    summed = torch.einsum("nkp,ndp->nkd", masks, feats)
+    counts = masks.sum(dim=-1, keepdim=True)
+    return l2_normalize(summed / (counts + count_eps), dim=-1, eps=norm_eps)
+
+
+def roi_pool(feats, masks, *, count_eps=1e-5, norm_eps=1e-5, impl="auto"):
+    """Masked mean of feats (N,D,P) under masks (N,K,P), L2-normalised -> (N,K,D)."""
+    _check_dims("roi_pool", feats=(feats, 3), masks=(masks, 3))
+    if feats.shape[0] != masks.shape[0] or feats.shape[2] != masks.shape[2]:
+        raise LossInputError(f"roi_pool: feats {tuple(feats.shape)} and masks {tuple(masks.shape)} "
+                         "must agree on N and P")
+    fn = _dispatch("roi_pool.roi_pool_triton", impl, feats, roi_pool_reference)
+    return fn(feats, masks, count_eps, norm_eps)
+
+
+# ------------------------------------------------------------------------------------------
+# topk_proto
+# ------------------------------------------------------------------------------------------
+def topk_proto_reference(scores, feats, k, k_denom=None, normalize=True):
+    scores = upcast(scores.detach())
+    feats = upcast(feats)
+    m = scores.shape[1]
+    k = min(int(k), m)
+    k_denom = k if k_denom is None else min(int(k_denom), m)
+    values, index = torch.topk(scores, max(k, k_denom), dim=1)  # sorted, descending
+    top_feats = feats[index[:, :k]]                              # (C,k,D)
+    numer = (values[:, :k, None] * top_feats).sum(dim=1)
+    denom = values[:, :k_denom].sum(dim=1, keepdim=True)
+    denom = torch.where(denom == 0, torch.ones_like(denom), denom)
+    proto = numer / denom
+    return l2_normalize(proto, dim=-1, eps=PROTO_NORM_EPS) if normalize else proto
+
+
+def topk_proto(scores, feats, k, *, k_denom=None, normalize=True, impl="auto"):
+    """Score-weighted mean of each row's top-k candidates -> (C,D); see the module docstring."""
+    _check_dims("topk_proto", scores=(scores, 2), feats=(feats, 2))
+    if scores.shape[1] != feats.shape[0]:
+        raise LossInputError(f"topk_proto: scores {tuple(scores.shape)} and feats {tuple(feats.shape)} "
+                         "must agree on M")
+    if int(k) < 1 or (k_denom is not None and int(k_denom) < 1):
+        raise LossInputError(f"topk_proto: k={k}, k_denom={k_denom} must be >= 1")
+    fn = _dispatch("topk_proto.topk_proto_triton", impl, feats, topk_proto_reference)
+    return fn(scores, feats, int(k), None if k_denom is None else int(k_denom), bool(normalize))
+
+
+# ------------------------------------------------------------------------------------------
+# psc_terms
+# ------------------------------------------------------------------------------------------
+def nce_rows(emb, protos, labels, tau):
+    """Per-row -log softmax(emb @ protos.T / tau)[label], via log-sum-exp."""
+    logits = emb @ protos.t() / tau
+    return torch.logsumexp(logits, dim=1) - logits.gather(1, labels[:, None]).squeeze(1)
+
+
+def psc_terms_reference(f1, f2, y1, y2, p1, p2, m1, m2, tau=0.1):
+    e1 = l2_normalize(upcast(f1), dim=-1, eps=EMBED_NORM_EPS)
+    e2 = l2_normalize(upcast(f2), dim=-1, eps=EMBED_NORM_EPS)
+    p1, p2, m1, m2 = (upcast(t.detach()) for t in (p1, p2, m1, m2))
+
+    def nce(e, protos, y):
+        return nce_rows(e, protos, y, tau).mean()
+
+    cross_proto = (nce(e1, p2, y1) + nce(e2, p1, y2)) / 2
+    cross_label = (nce(e1, p1, y2) + nce(e2, p2, y1)) / 2
+    intra = (nce(e1, p1, y1) + nce(e2, p2, y2)) / 2
+    memory = (nce(e1, m1, y1) + nce(e2, m2, y2)) / 2
+    return torch.stack([cross_proto, cross_label, intra, memory])
+
+
+def psc_terms(f1, f2, y1, y2, p1, p2, m1, m2, *, tau=0.1, impl="auto"):
+    """The four PSC InfoNCE terms (4,): [cross_proto, cross_label, intra, memory]."""
+    _check_dims("psc_terms", f1=(f1, 2), f2=(f2, 2), y1=(y1, 1), y2=(y2, 1),
+                p1=(p1, 2), p2=(p2, 2), m1=(m1, 2), m2=(m2, 2))
+    if f1.shape != f2.shape or y1.shape[0] != f1.shape[0] or y2.shape[0] != f1.shape[0]:
+        raise LossInputError(f"psc_terms: f1 {tuple(f1.shape)}, f2 {tuple(f2.shape)}, y1 {tuple(y1.shape)}, "
+                         f"y2 {tuple(y2.shape)} must share M (and D)")
+    for name, t in (("p1", p1), ("p2", p2), ("m1", m1), ("m2", m2)):
+        if t.shape != p1.shape or t.shape[1] != f1.shape[1]:
+            raise LossInputError(f"psc_terms: {name} {tuple(t.shape)} must be (C, {f1.shape[1]}) like p1")
+    fn = _dispatch("psc.psc_terms_triton", impl, f1, psc_terms_reference)
+    return fn(f1, f2, y1.long(), y2.long(), p1, p2, m1, m2, float(tau))
+
+
+def _check_dims(op: str, **named):
+    for name, (t, ndim) in named.items():
+        if t.dim() != ndim:
+            raise LossInputError(f"{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
