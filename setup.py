@@ -1,7 +1,7 @@
 """hsc-fast: distributed, high-throughput HSC training for weakly-supervised segmentation."""
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 VERSION = "0.1.0"
@@ -13,8 +13,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["hsc_fast", "kernels"],
-    package_data={"hsc_fast": ["presets/*.yaml"]},
+    packages=find_packages(include=["hsc_fast", "hsc_fast.*", "kernels", "kernels.*"]),
     # Ranges, not pins: users on GPU clusters keep their own CUDA torch. Development and CI pin
     # the CPU-runnable pair through constraints.txt (pip install -c constraints.txt ...).
     install_requires=[

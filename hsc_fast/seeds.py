@@ -83,7 +83,7 @@ def _as_sample(rec) -> Sample:
 
 
 def open_samples(data, ids: Sequence[str], *, cls_labels: Optional[str] = None,
-                 workers: int = 0) -> Iterator[Sample]:
+                 sbd_root: Optional[str] = None, workers: int = 0) -> Iterator[Sample]:
     """Samples of exactly ``ids`` (in order for folders) from a VOC root folder or shards.
 
     Goes through ``hsc_fast.data.build_eval_dataset`` (labels: the cls_labels file, else the VOC XML,
@@ -92,7 +92,8 @@ def open_samples(data, ids: Sequence[str], *, cls_labels: Optional[str] = None,
     if not ids:
         return iter(())
     from .data import build_eval_dataset
-    stream = build_eval_dataset(str(data), ids=list(ids), cls_labels=cls_labels or None)
+    stream = build_eval_dataset(str(data), ids=list(ids), cls_labels=cls_labels or None,
+                                sbd_root=sbd_root or None)
     return (_as_sample(rec) for rec in stream.loader(num_workers=workers))
 
 
@@ -385,6 +386,7 @@ class SeedJob:
     checkpoint: Optional[str] = None
     gt: Optional[str] = None
     cls_labels: Optional[str] = None
+    sbd_root: Optional[str] = None     # folder data: SBD img/ for ids without a VOC JPEG
     fmt: str = "npy"
     workers: int = 0
     uncertain_margin: float = 0.0
@@ -397,7 +399,7 @@ def run_cam_stage(job: SeedJob, model: torch.nn.Module, device) -> int:
     cam_dir = Path(job.out) / "cam_npy"
     mine = split_ids(job.ids, rank, world)
     todo = pending_ids(mine, [(cam_dir, ("npy", "npz"))])
-    samples = open_samples(job.data, todo, cls_labels=job.cls_labels, workers=job.workers)
+    samples = open_samples(job.data, todo, cls_labels=job.cls_labels, sbd_root=job.sbd_root, workers=job.workers)
     n = infer_cam_files(model, samples, cam_dir, job.cfg.seeds, fmt=job.fmt, mean=job.cfg.data.mean,
                         std=job.cfg.data.std, device=device, total=len(todo), progress=job.progress and rank == 0)
     barrier()
@@ -434,7 +436,7 @@ def run_label_stage(job: SeedJob, *, seeds: bool, crf: bool) -> int:
     outputs = ([(out / "seeds", ("png",))] if seeds else []) + ([(out / "pseudo_labels", ("png",))] if crf else [])
     mine = split_ids(job.ids, rank, world)
     todo = pending_ids(mine, outputs)
-    samples = open_samples(job.data, todo, cls_labels=job.cls_labels, workers=0 if crf else job.workers)
+    samples = open_samples(job.data, todo, cls_labels=job.cls_labels, sbd_root=job.sbd_root, workers=0 if crf else job.workers)
     n = write_labels(samples, out / "cam_npy", out, threshold=seed_threshold(job) if seeds else None,
                      crf=PseudoLabelParams.from_config(job.cfg.seeds, job.uncertain_margin) if crf else None,
                      overlays=job.overlays if rank == 0 else 0, workers=job.workers, total=len(todo),
@@ -477,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", help="ground-truth PNGs for the sweep/CRF evaluation (default: <data>/SegmentationClass)")
     p.add_argument("--cls-labels", help="image-level labels (.npy/.json) for folder data "
                                         "(default: data.cls_labels, <data>/cls_labels.npy, XML, masks)")
+    p.add_argument("--sbd-root", help="SBD folder (img/) for folder data: ids without a VOC JPEG (default: data.sbd_root)")
     p.add_argument("--out", required=True, help="output folder (cam_npy/, seeds/, pseudo_labels/, overlays/)")
     p.add_argument("--stage", default="all", choices=("cam", "sweep", "crf", "all"))
     p.add_argument("--scales", help="comma-separated inference scales (default: seeds.scales)")
@@ -534,7 +537,7 @@ def job_from_args(args) -> SeedJob:
         cls_labels = str(data / "cls_labels.npy")
     return SeedJob(cfg=cfg, data=args.data, out=args.out, ids=_id_list(args, cfg), stage=args.stage,
                    checkpoint=args.checkpoint, gt=gt, cls_labels=cls_labels,
-                   fmt=args.format, workers=args.workers, uncertain_margin=args.uncertain_margin,
+                   sbd_root=args.sbd_root or cfg.data.sbd_root or None, fmt=args.format, workers=args.workers, uncertain_margin=args.uncertain_margin,
                    overlays=args.overlays, progress=not args.no_progress)
 
 

@@ -1,0 +1,174 @@
+"""The two-view training transform of the reference recipe, and its device-side helpers.
+
+View 1 (per sample, in the loader workers): random long-side resize to L in [448, 768] (bicubic),
+random 448 crop with padding, horizontal flip, colour jitter (0.3, 0.3, 0.3, 0.1; the four
+adjustments in random order with torchvision's factor ranges). The workers hand over uint8 images
+(4x less to copy between processes and to the GPU); :func:`finish_batch` then applies the ImageNet
+normalisation on the training device, with the padding set to 0 *after* it (as the reference, which
+pads the normalised image with 0); saliency is padded with 0. View 2 (per batch, on the device):
+:func:`make_view2`.
+
+Speed choices (the numbers in benchmarks/bench_loader.py):
+  * the resize computes only the crop window (PIL ``resize(box=...)`` maps exactly that part of the
+    source, the filter support reaching outside it as in a full resize);
+  * jitter runs on the crop, not on the whole resized image. Brightness, saturation, hue and the
+    clamping are per-pixel, so this is exact for them; contrast blends with the mean grey, which
+    is taken over the crop window instead of the whole image;
+  * hue is a rotation of the colour about the grey axis by 2*pi*h (a 3x3 colour matrix, as NVIDIA
+    DALI's hue) instead of torchvision's HSV round trip, which costs ~5x more and dominated the
+    whole transform. It agrees with the HSV shift to ~3 grey levels on average at h = 0.05 (~6 at
+    the extreme 0.1). Brightness, contrast and saturation are torchvision's own functions.
+All randomness comes from the ``rng`` passed in, so a sample's augmentation depends only on
+(seed, epoch, rank, worker, sample index): see the loader.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """One axis-aligned crop: ``src`` (x0, y0, x1, y1) in source pixels, output size and offset."""
+    src: tuple
+    size: tuple   # (w, h) of the crop content
+    offset: tuple  # (x, y) of the content inside the padded crop
+
+
+def _axis_window(length: int, crop: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    """(start in the resized image, length of the content, offset in the crop) for one axis, as
+    SEAM's RandomCrop: a random window when the image is larger, a random placement when smaller."""
+    if length > crop:
+        return int(rng.integers(0, length - crop + 1)), crop, 0
+    return 0, length, int(rng.integers(0, crop - length + 1))
+
+
+def sample_crop(width: int, height: int, resize_long: Sequence[int], crop: int, rng: np.random.Generator) -> CropBox:
+    """Random long-side resize + random crop of a ``width`` x ``height`` image, as one source box."""
+    target = int(rng.integers(int(resize_long[0]), int(resize_long[1]) + 1))
+    scale = target / max(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    x0, cw, ox = _axis_window(new_w, crop, rng)
+    y0, ch, oy = _axis_window(new_h, crop, rng)
+    sx, sy = width / new_w, height / new_h  # exact per-axis scale of the resize being emulated
+    return CropBox((x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy), (cw, ch), (ox, oy))
+
+
+def jitter(img: Image.Image, strength: Sequence[float], rng: np.random.Generator) -> Image.Image:
+    """torchvision ColorJitter semantics (factor ranges and random order) with our own rng."""
+    b, c, s, h = (float(v) for v in strength)
+    ops = []
+    if b > 0:
+        ops.append((TF.adjust_brightness, rng.uniform(max(0.0, 1 - b), 1 + b)))
+    if c > 0:
+        ops.append((TF.adjust_contrast, rng.uniform(max(0.0, 1 - c), 1 + c)))
+    if s > 0:
+        ops.append((TF.adjust_saturation, rng.uniform(max(0.0, 1 - s), 1 + s)))
+    if h > 0:
+        ops.append((rotate_hue, rng.uniform(-h, h)))
+    for i in rng.permutation(len(ops)):
+        fn, factor = ops[i]
+        img = fn(img, float(factor))
+    return img
+
+
+def rotate_hue(img: Image.Image, factor: float) -> Image.Image:
+    """Rotate colours about the grey axis by ``2 pi factor`` (one C pass; clamps to 0..255).
+    Same direction and range as torchvision's hue factor (see the module docstring)."""
+    theta = 2.0 * math.pi * float(factor)
+    c, s = math.cos(theta), math.sin(theta)
+    k, q = (1.0 - c) / 3.0, math.sqrt(1.0 / 3.0) * s
+    return img.convert("RGB", (c + k, k - q, k + q, 0.0,
+                               k + q, c + k, k - q, 0.0,
+                               k - q, k + q, c + k, 0.0))
+
+
+class TwoViewTransform:
+    """Per-sample view-1 transform: PIL RGB image (+ grey saliency) -> padded uint8 crops.
+
+    Returns ``{"img": uint8 (3, S, S), "valid": bool (1, S, S), "sal": uint8 (1, S, S)}`` (``sal``
+    only with a saliency map); pixels outside ``valid`` are crop padding (0 everywhere).
+    :func:`finish_batch` turns a batch of these into the normalised float tensors.
+    """
+
+    def __init__(self, resize_long=(448, 768), crop_size=448, flip=True, color_jitter=(0.3, 0.3, 0.3, 0.1)):
+        if len(resize_long) != 2 or not 0 < resize_long[0] <= resize_long[1]:
+            raise ConfigError(f"data.resize_long = {list(resize_long)}: expected [min, max] with 0 < min <= max")
+        if crop_size <= 0:
+            raise ConfigError(f"data.crop_size = {crop_size}: expected a positive size")
+        if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
+            raise ConfigError(f"data.color_jitter = {list(color_jitter)}: expected 4 values >= 0, hue <= 0.5")
+        self.resize_long = tuple(int(v) for v in resize_long)
+        self.crop = int(crop_size)
+        self.flip = bool(flip)
+        self.color_jitter = tuple(float(v) for v in color_jitter)
+
+    @classmethod
+    def from_config(cls, cfg) -> "TwoViewTransform":
+        return cls(cfg.resize_long, cfg.crop_size, cfg.flip, cfg.color_jitter)
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator, saliency: Optional[Image.Image] = None) -> dict:
+        box = sample_crop(image.width, image.height, self.resize_long, self.crop, rng)
+        flip = self.flip and rng.random() < 0.5
+        img = image.resize(box.size, Image.BICUBIC, box=box.src)
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = jitter(img, self.color_jitter, rng)
+        out = {"img": self._place(img, 3, box), "valid": self._valid(box)}
+        if saliency is not None:
+            sal = saliency.resize(box.size, Image.BILINEAR, box=box.src)
+            if flip:
+                sal = sal.transpose(Image.FLIP_LEFT_RIGHT)
+            out["sal"] = self._place(sal, 1, box)
+        return out
+
+    def _place(self, content: Image.Image, channels: int, box: CropBox) -> torch.Tensor:
+        """``content`` into a zero (C, S, S) uint8 canvas at the box offset."""
+        (w, h), (ox, oy) = box.size, box.offset
+        out = torch.zeros(channels, self.crop, self.crop, dtype=torch.uint8)
+        arr = torch.from_numpy(np.array(content, dtype=np.uint8).reshape(h, w, channels))  # PIL arrays are read-only
+        out[:, oy:oy + h, ox:ox + w] = arr.permute(2, 0, 1)
+        return out
+
+    def _valid(self, box: CropBox) -> torch.Tensor:
+        (w, h), (ox, oy) = box.size, box.offset
+        out = torch.zeros(1, self.crop, self.crop, dtype=torch.bool)
+        out[:, oy:oy + h, ox:ox + w] = True
+        return out
+
+
+def normalize(img_u8: torch.Tensor, valid: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 ImageNet-normalised, 0 where ``valid`` (N, 1, H, W) is False."""
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=img_u8.device).view(1, 3, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=img_u8.device).view(1, 3, 1, 1)
+    x = img_u8.float().mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
+    return x.mul_(valid)
+
+
+def finish_batch(batch: dict, mean: Sequence[float], std: Sequence[float]) -> dict:
+    """The device-side end of the transform: ``img`` -> normalised float, ``sal`` -> float in [0, 1]."""
+    batch["img"] = normalize(batch["img"], batch["valid"], mean, std)
+    if "sal" in batch:
+        batch["sal"] = batch["sal"].float().div_(255.0)
+    return batch
+
+
+def make_view2(img: torch.Tensor, size: int) -> torch.Tensor:
+    """View 2 of a batch: view 1 bilinearly resized to ``size`` x ``size`` (align_corners=True)."""
+    return F.interpolate(img, size=(int(size), int(size)), mode="bilinear", align_corners=True)
+
+
+def denormalize(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised (N, 3, H, W) float -> uint8 RGB (N, 3, H, W) on the same device."""
+    m = torch.as_tensor(mean, dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
+    return (img * s + m).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
