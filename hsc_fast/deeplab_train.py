@@ -1,0 +1,690 @@
+"""The last stage: train DeepLab on pseudo-labels (or ground truth) and evaluate it.
+
+    python launch/train_deeplab.py --config deeplab --run-dir runs/dl --images VOC2012 \\
+        --sbd-root SBD --labels runs/seeds/pseudo_labels --train-list train_aug.txt --eval-list val.txt
+
+Training (`train_deeplab`): DeepLab (hsc_fast.models.deeplab, frozen BatchNorm) wrapped in a
+DeepSpeed engine exactly like CAM training (`train.ds_config`: ZeRO stage, bf16, gradient
+accumulation, clipping), SGD over the backbone (lr) and head (10x lr) groups with momentum,
+poly decay over `deeplab.max_steps`, pixel cross-entropy ignoring 255. Each rank reads its own
+batches of one shared per-epoch permutation (`segmentation.epoch_batches`); a sample's
+augmentation depends on (seed, epoch, index) only, so a resumed run continues bitwise (CPU,
+`train.deterministic`). The run dir is the CAM run's layout: config.yaml, env.json,
+metrics.csv, tb/, logs/, atomic checkpoints/step_N (`--resume auto`), final/model.pt.
+
+Evaluation (`evaluate_deeplab`): rank r predicts ids[r::world] -- multi-scale (`deeplab.test_scales`)
++ flip softmax, argmax -> RUN_DIR/pred/{id}.png (VOC palette); with `crf` the DEEPLAB_TEST dense CRF
+on the same probabilities -> RUN_DIR/pred_crf/; then `hsc_fast.evaluate` (confusions all-reduced)
+-> RUN_DIR/eval.json (+ eval_crf.json).
+
+Both functions join a process group the caller already made (and leave it alone) or make and
+destroy their own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import IGNORE_INDEX
+from . import checkpoint as ckpt
+from . import distributed as D
+from .config import OptimConfig, RunConfig, to_dict
+from .engine import RankLostError, build_ds_config, optimizer_is_partitioned, seed_everything, set_determinism
+from .errors import ConfigError, DataError, TrainingError, WeightsError
+from .optim import PolySchedule, build_optimizer
+from .runlog import RunLog, environment_info
+from .segmentation import (SegTrainSet, epoch_batches, missing_labels, open_image_reader, predict_probs)
+
+PRED_DIR, PRED_CRF_DIR = "pred", "pred_crf"
+EVAL_JSON, EVAL_CRF_JSON = "eval.json", "eval_crf.json"
+
+
+# ----------------------------------------------------------------------------------- config
+def check_deeplab_config(cfg: RunConfig) -> None:
+    """Cross-field checks of the `deeplab` section (before any work)."""
+    dl = cfg.deeplab
+    for name in ("batch_size", "max_steps", "crop_size", "save_every"):
+        if getattr(dl, name) <= 0:
+            raise ConfigError(f"config key 'deeplab.{name}': must be positive, got {getattr(dl, name)}")
+    if (len(dl.scale_range) != 2 or not all(isinstance(v, (int, float)) for v in dl.scale_range)
+            or not 0 < dl.scale_range[0] <= dl.scale_range[1]):
+        raise ConfigError(f"config key 'deeplab.scale_range': expected [min, max] with 0 < min <= max, "
+                          f"got {dl.scale_range}")
+    if not dl.test_scales or not all(isinstance(v, (int, float)) and v > 0 for v in dl.test_scales):
+        raise ConfigError(f"config key 'deeplab.test_scales': expected positive numbers, got {dl.test_scales}")
+    from .crf import available_backends
+    if dl.crf_backend not in available_backends():
+        raise ConfigError(f"config key 'deeplab.crf_backend': {dl.crf_backend!r} is not one of "
+                          f"{', '.join(available_backends())}")
+    if cfg.train.keep_last <= 0 or cfg.train.max_nonfinite <= 0 or cfg.train.dist_timeout_s <= 0:
+        raise ConfigError("config keys 'train.keep_last', 'train.max_nonfinite', 'train.dist_timeout_s': "
+                          "must be positive")
+
+
+def deeplab_ds_config(cfg: RunConfig, world_size: int, path: Optional[str] = None) -> dict:
+    """The CAM engine's DeepSpeed settings with DeepLab's per-rank batch."""
+    as_cam = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=cfg.deeplab.batch_size))
+    return build_ds_config(as_cam, world_size, path)
+
+
+def deeplab_optim_config(cfg: RunConfig) -> OptimConfig:
+    """The reference recipe: plain SGD with momentum (no official CAM quirks), poly over max_steps."""
+    dl = cfg.deeplab
+    return OptimConfig(lr=dl.lr, weight_decay=dl.weight_decay, momentum=dl.momentum,
+                       official_momentum_quirk=False, poly_power=dl.poly_power, poly_steps=dl.max_steps)
+
+
+def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the non-ignored pixels (0, not NaN, for an all-ignored batch)."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
+# ------------------------------------------------------------------------------------ data
+class BatchStream:
+    """Endless batches of this rank with a resumable position (epoch, batches consumed)."""
+
+    def __init__(self, dataset: SegTrainSet, batch_size: int, rank: int, world_size: int, seed: int,
+                 workers: int = 0, pin_memory: bool = False, epoch: int = 0, batches_in_epoch: int = 0):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.workers, self.pin_memory = workers, pin_memory
+        self.epoch = epoch
+        self._start_epoch(batches_in_epoch)
+
+    def _start_epoch(self, skip: int = 0) -> None:
+        batches = epoch_batches(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed, self.epoch)
+        self.dataset.epoch = self.epoch  # before the iterator exists: workers copy the dataset
+        # A private generator: making the iterator must not draw from the global torch RNG,
+        # or a resumed run (which makes it at another moment) would diverge.
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[skip:], num_workers=self.workers,
+                                             pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0))
+        self._it = iter(loader)
+        self.batches_in_epoch = skip
+
+    def next(self) -> dict:
+        for _ in range(2):
+            try:
+                batch = next(self._it)
+                self.batches_in_epoch += 1
+                return batch
+            except StopIteration:
+                self.epoch += 1
+                self._start_epoch()
+        raise TrainingError("the DeepLab training loader yields no batches")
+
+
+def build_train_set(cfg: RunConfig, images: str, labels_dir: str, train_ids: Sequence[str]) -> SegTrainSet:
+    """The (image, label) dataset; every id must have an image and a label PNG (checked up front)."""
+    if not train_ids:
+        raise DataError("train_deeplab: the training id list is empty")
+    if not Path(labels_dir).is_dir():
+        raise DataError(f"labels_dir {labels_dir}: not a folder of label PNGs")
+    reader = open_image_reader(images, cfg.data.sbd_root)
+    no_label = missing_labels(labels_dir, train_ids)
+    if no_label:
+        raise DataError(f"{len(no_label)} training id(s) have no label PNG in {labels_dir}: "
+                        f"e.g. '{no_label[0]}' (expected {Path(labels_dir) / (no_label[0] + '.png')})"
+                        + (f"; others: {no_label[1:6]}" if len(no_label) > 1 else ""))
+    no_image = reader.missing(train_ids)
+    if no_image:
+        raise DataError(f"{len(no_image)} training id(s) have no image in {images}: e.g. {no_image[:5]}")
+    dl = cfg.deeplab
+    return SegTrainSet(train_ids, reader, labels_dir, crop=dl.crop_size, scale_range=dl.scale_range,
+                       flip=dl.flip, seed=cfg.train.seed)
+
+
+# ---------------------------------------------------------------------------------- trainer
+@dataclass
+class DeeplabState:
+    step: int = 0                   # optimiser steps done
+    epoch: int = 0                  # data epoch of the next batch
+    batches_in_epoch: int = 0       # batches of that epoch this rank consumed
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+class DeeplabTrainer:
+    """DeepLab + SGD + poly schedule in a DeepSpeed engine; steps, checkpoints, metrics."""
+
+    def __init__(self, cfg: RunConfig, run_dir, info: D.DistInfo, dataset: Optional[SegTrainSet],
+                 ds_config: Optional[dict] = None, log: Optional[RunLog] = None):
+        import deepspeed
+        from .models.deeplab import build_deeplab
+
+        check_deeplab_config(cfg)
+        self.cfg, self.info, self.log = cfg, info, log
+        self.run_dir = Path(run_dir)
+        self.device = info.device
+        self.dataset = dataset
+        self.ds_config = ds_config if ds_config is not None else deeplab_ds_config(cfg, info.world_size)
+        self.gas = int(self.ds_config["gradient_accumulation_steps"])
+        set_determinism(cfg.train.deterministic)
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        model = build_deeplab(cfg.deeplab)  # WeightsError when the ImageNet file is absent
+        model.to(self.device).train()       # train() freezes the backbone BatchNorm first
+        self.optimizer = build_optimizer(model, deeplab_optim_config(cfg))
+        self.schedule = PolySchedule(self.optimizer, cfg.deeplab.poly_power, cfg.deeplab.max_steps)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, lr_scheduler=self.schedule,
+                                                    config=self.ds_config, dist_init_required=False)
+        self.engine_bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
+        self.autocast = bool(cfg.train.bf16_autocast and self.device.type == "cuda" and not self.engine_bf16)
+        self.state = DeeplabState()
+        seed_everything(cfg.train.seed + 1000 * info.rank + 1)  # rank-specific streams (v3 dropout)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _info(self, msg: str, *args) -> None:
+        if self.log is not None:
+            self.log.info(msg, *args)
+
+    # -- one optimiser step ----------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        img = batch["img"].to(self.device, non_blocking=True)
+        if self.engine_bf16:
+            img = img.to(torch.bfloat16)
+        return img, batch["label"].to(self.device, non_blocking=True)
+
+    def batch_loss(self, batch: dict) -> torch.Tensor:
+        img, label = self._to_device(batch)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with amp:
+            logits = self.engine(img)
+        return pixel_cross_entropy(logits, label)
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimiser step over `gas` micro-batches (collective). A non-finite loss on any rank
+        skips the update everywhere (parameters and momentum untouched)."""
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        total, nonfinite, images = 0.0, False, 0
+        for i, batch in enumerate(micro_batches):
+            loss = self.batch_loss(batch)
+            local_bad = not bool(torch.isfinite(loss.detach()))
+            nonfinite = D.all_reduce_max_flag(local_bad, self.device) or nonfinite
+            self.engine.backward(loss)
+            total += float(loss.detach())
+            images += int(batch["img"].shape[0])
+            if i == len(micro_batches) - 1:
+                self.optimizer.skip_next = nonfinite
+            self.engine.step()
+        return {"loss": total / len(micro_batches), "nonfinite": nonfinite, "images": images, "lr": lr}
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save(self) -> Path:
+        partitioned = optimizer_is_partitioned(self.ds_config)
+        per_rank = {"rng": ckpt.capture_rng(),
+                    "data": {"epoch": self.state.epoch, "batches_in_epoch": self.state.batches_in_epoch}}
+        if partitioned:
+            state = dict(self.engine.optimizer.state_dict())
+            if "loss_scaler" in state:  # a LossScaler object; a marker keeps the file weights_only-safe
+                state["loss_scaler"] = "static"
+            per_rank["optimizer"] = state
+        shared = None
+        if self.info.is_main:
+            shared = {"model": self.module.state_dict(), "schedule": self.schedule.state_dict(),
+                      "state": asdict(self.state), "config": to_dict(self.cfg), "world_size": self.info.world_size,
+                      "optimizer_partitioned": partitioned, "kind": "deeplab"}
+            if not partitioned:
+                shared["optimizer"] = self.optimizer.state_dict()
+        return ckpt.save_checkpoint(self.run_dir, self.state.step, self.info.rank, self.info.world_size,
+                                    per_rank, shared, self.cfg.train.keep_last, barrier=D.barrier)
+
+    def load(self, ckpt_dir: Path) -> dict:
+        """Restore model, optimizer, schedule, counters, data position; returns this rank's file
+        (its RNG states are applied by the caller once the data stream exists)."""
+        shared = ckpt.load_shared(ckpt_dir)
+        mine = ckpt.load_rank(ckpt_dir, self.info.rank, self.info.world_size)
+        if shared.get("kind") != "deeplab":
+            raise WeightsError(f"checkpoint {ckpt_dir}: not a DeepLab checkpoint (a CAM run's?)")
+        self.module.load_state_dict(shared["model"])
+        if shared.get("optimizer_partitioned"):
+            if "optimizer" not in mine:
+                raise WeightsError(f"checkpoint {ckpt_dir}: rank{self.info.rank}.pt has no optimizer partition")
+            state = dict(mine["optimizer"])
+            if "loss_scaler" in state:
+                state["loss_scaler"] = self.engine.optimizer.loss_scaler
+            self.engine.optimizer.load_state_dict(state)
+        else:
+            self.optimizer.load_state_dict(shared["optimizer"])
+        self.schedule.load_state_dict(shared["schedule"])
+        self.state = DeeplabState(**shared["state"])
+        self.state.epoch = int(mine["data"]["epoch"])
+        self.state.batches_in_epoch = int(mine["data"]["batches_in_epoch"])
+        return mine
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self, max_steps: int, save_every: int, resume_from: Optional[Path] = None,
+            heartbeat: Optional[D.Heartbeat] = None) -> dict:
+        if self.dataset is None:
+            raise TrainingError("DeeplabTrainer.fit: no training dataset")
+        rng_state = None
+        if resume_from is not None:
+            rng_state = self.load(resume_from)["rng"]
+            self._info("resumed from %s at step %d", resume_from, self.state.step)
+        stream = BatchStream(self.dataset, self.cfg.deeplab.batch_size, self.info.rank, self.info.world_size,
+                             self.cfg.train.seed, self.cfg.data.workers, self.device.type == "cuda",
+                             self.state.epoch, self.state.batches_in_epoch)
+        if rng_state is not None:
+            ckpt.restore_rng(rng_state)
+        last_save = self.state.step if resume_from is not None else -1
+        while self.state.step < max_steps:
+            t0 = time.perf_counter()
+            micro = [stream.next() for _ in range(self.gas)]
+            result = self._guarded(lambda: self.train_step(micro), heartbeat)
+            self.state.step += 1
+            self.state.epoch, self.state.batches_in_epoch = stream.epoch, stream.batches_in_epoch
+            self._record(result, time.perf_counter() - t0, heartbeat)
+            if result["nonfinite"] and self.state.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
+                path = self._guarded(self.save, heartbeat)
+                raise TrainingError(
+                    f"DeepLab loss was non-finite for {self.state.nonfinite_in_a_row} steps in a row (up to step "
+                    f"{self.state.step}); train.max_nonfinite={self.cfg.train.max_nonfinite}. The weights of the "
+                    f"last finite step are saved in {path}")
+            if self.state.step % save_every == 0 or self.state.step == max_steps:
+                self._guarded(self.save, heartbeat)
+                last_save = self.state.step
+        if last_save != self.state.step:
+            self._guarded(self.save, heartbeat)
+        final = ckpt.save_final_model(self.run_dir, self.module.state_dict()) if self.info.is_main else None
+        D.barrier()
+        return {"step": self.state.step, "nonfinite_total": self.state.nonfinite_total,
+                "final_model": str(final) if final else str(self.run_dir / "final" / "model.pt")}
+
+    def _record(self, result: dict, seconds: float, heartbeat) -> None:
+        st = self.state
+        if result["nonfinite"]:
+            st.nonfinite_total += 1
+            st.nonfinite_in_a_row += 1
+            if self.log is not None:
+                self.log.warning("step %d: non-finite DeepLab loss; step skipped (%d in a row)",
+                                 st.step, st.nonfinite_in_a_row)
+        else:
+            st.nonfinite_in_a_row = 0
+        world = self.info.world_size
+        glob = self._guarded(lambda: D.all_reduce_mean(
+            {"loss": result["loss"], "_images": float(result["images"]) * world}, self.device), heartbeat)
+        if self.log is None:
+            return
+        row = {"step": st.step, "epoch": st.epoch, "lr": result["lr"], "loss": glob["loss"],
+               "images_per_s": glob["_images"] / max(seconds, 1e-9), "skipped_samples": 0,
+               "nonfinite_steps": st.nonfinite_total, "nonfinite_in_a_row": st.nonfinite_in_a_row,
+               "time_s": seconds}
+        self.log.step(row)
+        if st.step % max(self.cfg.train.log_every, 1) == 0:
+            self.log.info("step %d loss %.6g lr %.3g %.1f img/s", st.step, row["loss"], row["lr"],
+                          row["images_per_s"])
+
+    def _guarded(self, fn: Callable, heartbeat: Optional[D.Heartbeat]):
+        """A collective-bearing call; a failure caused by a dead peer becomes RankLostError."""
+        try:
+            return fn()
+        except TrainingError:
+            raise
+        except Exception as e:
+            lost = heartbeat.lost_ranks() if heartbeat is not None and self.info.world_size > 1 else []
+            if not lost:
+                raise
+            raise RankLostError(f"rank {', '.join(map(str, lost))} lost (collective failed on rank "
+                                f"{self.info.rank}: {type(e).__name__}: {str(e)[:200]})") from e
+
+
+class _StageHeartbeat(D.Heartbeat):
+    """A Heartbeat whose store keys are private to one stage run: a pipeline that already ran CAM
+    training in the same process group (and marked its ranks 'done') still gets a live monitor."""
+
+    def __init__(self, namespace: str, *args, **kw):
+        self.namespace = namespace
+        super().__init__(*args, **kw)
+
+    def _beat_key(self, rank: int) -> str:
+        return f"hsc_fast/{self.namespace}/heartbeat/{rank}"
+
+    def _done_key(self, rank: int) -> str:
+        return f"hsc_fast/{self.namespace}/done/{rank}"
+
+
+_STAGE_RUNS = {"n": 0}
+
+
+def _stage_namespace(kind: str) -> str:
+    """Same on every rank: all ranks run the same sequence of stages."""
+    _STAGE_RUNS["n"] += 1
+    return f"{kind}{_STAGE_RUNS['n']}"
+
+
+# ------------------------------------------------------------------------------- public API
+def train_deeplab(cfg: RunConfig, run_dir, *, images: str, labels_dir: str, train_ids: Sequence[str],
+                  resume: str = "auto", progress: bool = True, ds_config_path: Optional[str] = None,
+                  local_rank: Optional[int] = None) -> dict:
+    """Train DeepLab on `labels_dir`/{id}.png for `train_ids`, images from a VOC root (+
+    cfg.data.sbd_root) or a shard index. Joins an existing process group or makes its own.
+    Returns {"step", "nonfinite_total", "final_model"}."""
+    check_deeplab_config(cfg)
+    run_dir = Path(run_dir)
+    info = D.init_distributed(cfg.train.dist_timeout_s, local_rank_arg=local_rank)
+    heartbeat = log = None
+    try:
+        ds_cfg = deeplab_ds_config(cfg, info.world_size, ds_config_path)
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        D.barrier()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = ckpt.resolve_resume(resume, run_dir)
+        start_step = ckpt.step_of(resume_from) if resume_from is not None else 0
+        log = RunLog(run_dir, info.rank, info.world_size, cfg.deeplab.max_steps, start_step=start_step,
+                     tensorboard=cfg.train.tensorboard, progress=progress)
+        log.write_config(cfg)
+        env = environment_info(info.world_size, info.device, info.launched_by)
+        env.update(deepspeed_config=ds_cfg, stage="deeplab", images=str(images), labels_dir=str(labels_dir),
+                   n_train_ids=len(train_ids))
+        log.write_env(env)
+        log.info("DeepLab rank %d/%d on %s (%s, launched by %s)", info.rank, info.world_size, info.device,
+                 info.backend, info.launched_by)
+        dataset = build_train_set(cfg, images, labels_dir, train_ids)
+        heartbeat = _StageHeartbeat(_stage_namespace("deeplab"), info.rank, info.world_size,
+                                    cfg.train.dist_timeout_s).start()
+        trainer = DeeplabTrainer(cfg, run_dir, info, dataset, ds_cfg, log)
+        summary = trainer.fit(cfg.deeplab.max_steps, cfg.deeplab.save_every, resume_from, heartbeat)
+        log.info("finished: %s", summary)
+        heartbeat.stop(finished=True)
+        D.barrier()
+        return summary
+    except Exception as e:
+        if log is not None:
+            log.error("DeepLab training failed: %s: %s", type(e).__name__, e)
+        raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop(finished=False)
+        if log is not None:
+            log.close()
+        D.shutdown(info)
+
+
+def resolve_model_file(run_dir, checkpoint: Optional[str]) -> tuple[Path, str]:
+    """(file, key) of the weights to evaluate: `checkpoint` may be a final/model.pt-style state
+    dict file, a checkpoints/step_N folder, or a run dir; default RUN_DIR/final/model.pt, else the
+    newest complete checkpoint of RUN_DIR. key is "" for a plain state dict, else "model"."""
+    target = Path(checkpoint) if checkpoint else Path(run_dir)
+    if target.is_file():
+        return target, ""
+    if (target / ckpt.SHARED_FILE).is_file():
+        if not ckpt.is_complete(target):
+            raise WeightsError(f"checkpoint {target}: incomplete (no {ckpt.COMPLETE_MARKER} marker)")
+        return target / ckpt.SHARED_FILE, "model"
+    final = target / "final" / "model.pt"
+    if final.is_file():
+        return final, ""
+    latest = ckpt.find_latest(target)
+    if latest is not None:
+        return latest / ckpt.SHARED_FILE, "model"
+    raise WeightsError(f"no DeepLab weights at {target}: expected a model.pt file, a checkpoints/step_N folder, "
+                       "or a run dir with final/model.pt or a complete checkpoint")
+
+
+def load_deeplab_for_eval(cfg: RunConfig, run_dir, checkpoint: Optional[str], device) -> torch.nn.Module:
+    """The trained network (no ImageNet file needed: every weight comes from the checkpoint)."""
+    from .models.deeplab import DeepLab
+    path, key = resolve_model_file(run_dir, checkpoint)
+    state = ckpt.safe_load(path)
+    if key:
+        state = state.get(key) if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state dict{f' under {key!r}' if key else ''}")
+    model = DeepLab(cfg.deeplab.backbone, cfg.deeplab.head)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: does not fit DeepLab(deeplab.backbone={cfg.deeplab.backbone!r}, "
+                           f"deeplab.head={cfg.deeplab.head!r}): {str(e)[:400]}") from e
+    return model.to(device).eval()
+
+
+def _write_png_atomic(path: Path, label: np.ndarray) -> None:
+    from .voc import encode_label_png
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(encode_label_png(label))
+    os.replace(tmp, path)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or None)
+
+
+def predict_to_pngs(model: torch.nn.Module, read_image: Callable[[str], np.ndarray], ids: Sequence[str],
+                    out_dir, *, scales: Sequence[float], flip: bool = True, device="cpu",
+                    crf_dir=None, crf_backend: str = "pydensecrf", crf_workers: int = 1,
+                    progress: bool = False) -> int:
+    """Predict `ids` (all of them: split ids before calling) into palette PNGs in `out_dir`; with
+    `crf_dir` also the DEEPLAB_TEST dense-CRF labels there. Returns the number of images."""
+    from .crf import DEEPLAB_TEST, crf_imap
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bar = _bar(len(ids), "predict", progress)
+
+    def predicted():
+        for key in ids:
+            img = read_image(key)
+            probs = predict_probs(model, img, scales=scales, flip=flip, device=device)
+            _write_png_atomic(out_dir / f"{key}.png", probs.argmax(0).to(torch.uint8).numpy())
+            bar.update(1)
+            yield key, img, probs.numpy()
+
+    n = 0
+    if crf_dir is None:
+        for _ in predicted():
+            n += 1
+    else:
+        crf_dir = Path(crf_dir)
+        crf_dir.mkdir(parents=True, exist_ok=True)
+        keys: list[str] = []
+
+        def pairs():
+            for key, img, probs in predicted():
+                keys.append(key)
+                yield img, probs
+
+        for q in crf_imap(pairs(), workers=max(1, crf_workers), backend=crf_backend, return_labels=True,
+                          **DEEPLAB_TEST.kwargs()):
+            _write_png_atomic(crf_dir / f"{keys[n]}.png", q.astype(np.uint8))
+            n += 1
+    bar.close()
+    return n
+
+
+def evaluate_deeplab(cfg: RunConfig, run_dir, *, images: str, gt_dir: str, eval_ids: Sequence[str],
+                     checkpoint: Optional[str] = None, crf: bool = False, progress: bool = False,
+                     local_rank: Optional[int] = None) -> dict:
+    """Predict `eval_ids` (ranks split them) into RUN_DIR/pred (+ pred_crf) and score them against
+    `gt_dir`. Returns {"plain": evaluate() result, "crf": evaluate() result or None}; rank 0
+    writes RUN_DIR/eval.json (+ eval_crf.json)."""
+    from .evaluate import evaluate, format_table, write_outputs
+    check_deeplab_config(cfg)
+    if not eval_ids:
+        raise DataError("evaluate_deeplab: the evaluation id list is empty")
+    if not Path(gt_dir).is_dir():
+        raise DataError(f"gt_dir {gt_dir}: not a folder of ground-truth PNGs")
+    run_dir = Path(run_dir)
+    info = D.init_distributed(cfg.train.dist_timeout_s, local_rank_arg=local_rank, use_deepspeed=False)
+    try:
+        model = load_deeplab_for_eval(cfg, run_dir, checkpoint, info.device)
+        reader = open_image_reader(images, cfg.data.sbd_root)
+        pred_dir, crf_dir = run_dir / PRED_DIR, (run_dir / PRED_CRF_DIR if crf else None)
+        mine = list(eval_ids)[info.rank::info.world_size]
+        predict_to_pngs(model, reader, mine, pred_dir, scales=cfg.deeplab.test_scales, flip=cfg.deeplab.test_flip,
+                        device=info.device, crf_dir=crf_dir, crf_backend=cfg.deeplab.crf_backend,
+                        crf_workers=max(1, cfg.data.workers), progress=progress and info.is_main)
+        D.barrier()  # every prediction is on disk before anyone scores
+        results = {"plain": evaluate(gt_dir, pred_dir=pred_dir, ids=list(eval_ids)), "crf": None}
+        if crf:
+            results["crf"] = evaluate(gt_dir, pred_dir=crf_dir, ids=list(eval_ids))
+        if info.is_main:
+            write_outputs(results["plain"], run_dir / EVAL_JSON)
+            if crf:
+                write_outputs(results["crf"], run_dir / EVAL_CRF_JSON)
+            if progress:
+                print(format_table(results["plain"]))
+                if crf:
+                    print(f"with CRF: mIoU {results['crf']['miou']:.2f}")
+        return results
+    finally:
+        D.shutdown(info)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+CLI_EPILOG = """\
+launch modes:
+  python launch/train_deeplab.py --config configs/deeplab_demo.yaml --run-dir runs/dl ...   (1 process)
+  deepspeed --num_gpus 8 launch/train_deeplab.py --config deeplab --run-dir runs/dl ...
+  torchrun --standalone --nproc_per_node 2 launch/train_deeplab.py ...
+  CPU: export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu (gloo is picked automatically)
+inputs: --images is a VOC root (JPEGImages/, then --sbd-root img/) or a shard index.json;
+--labels a folder of {id}.png pseudo-labels (or VOC SegmentationClass for a ground-truth run).
+outputs: RUN_DIR/{config.yaml, env.json, metrics.csv, tb/, logs/, checkpoints/, final/model.pt,
+pred/, pred_crf/, eval.json, eval_crf.json}.
+exit status: 0 done, 1 training/data error, 2 bad config/arguments, 75 a peer rank was lost."""
+
+
+def build_arg_parser():
+    import argparse
+    p = argparse.ArgumentParser(prog="train_deeplab.py", description="Train and evaluate DeepLab (the last HSC stage).",
+                                epilog=CLI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="deeplab", help="YAML config or preset name (default: deeplab)")
+    p.add_argument("--run-dir", default="", help="run folder")
+    p.add_argument("--images", default=None,
+                   help="VOC root or shard index.json (default: data.train of the config)")
+    p.add_argument("--sbd-root", default=None, help="SBD root for images missing in VOC (sets data.sbd_root)")
+    p.add_argument("--labels", default="", help="training label PNGs {id}.png (pseudo-labels or ground truth)")
+    p.add_argument("--train-list", default="",
+                   help="training ids (default: ImageSets/Segmentation/train_aug.txt of a VOC root)")
+    p.add_argument("--eval-list", default="", help="evaluation ids (default: ImageSets/Segmentation/val.txt)")
+    p.add_argument("--gt", default="", help="ground-truth PNGs for evaluation (default: VOC SegmentationClass)")
+    p.add_argument("--eval-only", action="store_true", help="skip training; evaluate --checkpoint or the run dir")
+    p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--checkpoint", default=None, help="weights to evaluate: model.pt, checkpoints/step_N or a run dir")
+    crf = p.add_mutually_exclusive_group()
+    crf.add_argument("--crf", dest="crf", action="store_true", default=None, help="also the test-time CRF")
+    crf.add_argument("--no-crf", dest="crf", action="store_false", help="no test-time CRF")
+    p.add_argument("--max-steps", type=int, default=None, help="sets deeplab.max_steps")
+    p.add_argument("--resume", default="auto", help="'auto' (default), 'none', a run dir or a checkpoint folder")
+    p.add_argument("--seed", type=int, default=None, help="sets train.seed")
+    p.add_argument("--deterministic", action="store_true", help="sets train.deterministic")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    p.add_argument("--list-keys", action="store_true", help="print every config key")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--deepspeed_config", default=None, help="DeepSpeed engine JSON (sets train.ds_config)")
+    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return p
+
+
+def config_from_args(args) -> RunConfig:
+    from .config import load_config
+    overrides = list(args.set)
+    for flag, key in ((args.images, "data.train"), (args.sbd_root, "data.sbd_root"),
+                      (args.max_steps, "deeplab.max_steps"), (args.seed, "train.seed"),
+                      (args.deepspeed_config, "train.ds_config")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    if args.deterministic:
+        overrides.append("train.deterministic=true")
+    cfg = load_config(args.config, overrides)
+    check_deeplab_config(cfg)
+    return cfg
+
+
+def _voc_list(images: str, name: str, flag: str) -> list[str]:
+    from .data import find_voc_root, is_shard_source
+    from .voc import read_id_list
+    if is_shard_source(images):
+        raise ConfigError(f"{flag}: required when --images is a shard source")
+    path = find_voc_root(images) / "ImageSets" / "Segmentation" / name
+    if not path.is_file():
+        raise ConfigError(f"{flag}: not given and {path} does not exist")
+    return read_id_list(path)
+
+
+def _ids(path: str, images: str, default_name: str, flag: str) -> list[str]:
+    from .voc import read_id_list
+    return read_id_list(path) if path else _voc_list(images, default_name, flag)
+
+
+def _default_gt(images: str) -> str:
+    from .data import find_voc_root, is_shard_source
+    if is_shard_source(images):
+        raise ConfigError("--gt: required when --images is a shard source")
+    return str(find_voc_root(images) / "SegmentationClass")
+
+
+def main(argv: Optional[list] = None) -> int:
+    import sys
+    from .config import describe
+    from .errors import HscError
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.list_keys:
+        for key, tp, default, help_ in describe():
+            print(f"{key:32s} {tp:6s} {default!r:28s} {help_}")
+        return 0
+    if not args.run_dir:
+        parser.error("--run-dir is required")
+    if args.eval_only and args.no_eval:
+        parser.error("--eval-only and --no-eval exclude each other")
+    try:
+        cfg = config_from_args(args)
+        images = cfg.data.train
+        if not images:
+            raise ConfigError("--images (or data.train): a VOC root or a shard index.json is required")
+        if not args.eval_only and not args.labels:
+            raise ConfigError("--labels: the folder of training label PNGs is required (unless --eval-only)")
+        train_ids = [] if args.eval_only else _ids(args.train_list, images, "train_aug.txt", "--train-list")
+        eval_ids = [] if args.no_eval else _ids(args.eval_list, images, "val.txt", "--eval-list")
+        gt_dir = "" if args.no_eval else (args.gt or _default_gt(images))
+        crf = cfg.deeplab.test_crf if args.crf is None else args.crf
+        deeplab_ds_config(cfg, 1)  # a bad DeepSpeed JSON fails before any process group work
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except HscError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    info = None
+    summary: dict = {}
+    try:
+        info = D.init_distributed(cfg.train.dist_timeout_s, local_rank_arg=args.local_rank)
+        if not args.eval_only:
+            summary["train"] = train_deeplab(cfg, args.run_dir, images=images, labels_dir=args.labels,
+                                             train_ids=train_ids, resume=args.resume, progress=not args.no_progress)
+        if not args.no_eval:
+            res = evaluate_deeplab(cfg, args.run_dir, images=images, gt_dir=gt_dir, eval_ids=eval_ids,
+                                   checkpoint=args.checkpoint, crf=crf, progress=not args.no_progress)
+            summary["miou"] = res["plain"]["miou"]
+            if res["crf"] is not None:
+                summary["miou_crf"] = res["crf"]["miou"]
+    except RankLostError as e:
+        print(f"[rank {D.get_rank()}] {e}", file=sys.stderr, flush=True)
+        os._exit(D.EXIT_RANK_LOST)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except HscError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        D.shutdown(info)
+    if info.rank == 0:
+        print(json.dumps(summary))
+    return 0

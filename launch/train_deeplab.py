@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Train and evaluate DeepLab on pseudo-labels. Thin wrapper: everything lives in
+hsc_fast.deeplab_train (see --help)."""
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the deepspeed launcher does not set it
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hsc_fast.deeplab_train import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
