@@ -1,0 +1,356 @@
+"""The whole HSC pipeline under one launcher: shard -> train CAM -> CAMs -> sweep -> CRF
+pseudo-labels -> DeepLab -> evaluation -> report, in one run directory.
+
+Every rank of a `deepspeed` / `torchrun` / `python` start runs this module; the process group is
+created once here and joined by the stages. Stages talk through files (shards, checkpoints, CAM
+files, PNGs), and each one writes `RUN_DIR/stages/<name>.json` (its wall time and outputs) when it
+is complete, so a rerun skips finished stages and any stage can be rerun alone (`--stages`,
+`--force`). Stages that only rank 0 runs (synthetic data, sharding, report) publish their marker
+and the other ranks wait for it on the shared filesystem (no collective can time out meanwhile).
+
+Layout of RUN_DIR:
+    synth/            the synthetic VOC/SBD tree (demo only)
+    shards/           WebDataset shards of the training list + index.json
+    cam/              CAM training run (config.yaml, metrics.csv, checkpoints/, final/model.pt)
+    seeds/            cam_npy/, sweep.json(+png), seeds/, pseudo_labels/, overlays/, crf_eval.json
+    deeplab/          DeepLab run (checkpoints, final/model.pt, pred/, eval.json)
+    stages/*.json     completion markers with wall times
+    summary.json, report.md, report.html
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .config import RunConfig, load_config
+from .errors import ConfigError, HscError
+
+STAGES = ("synth", "shard", "train_cam", "cam", "sweep", "crf", "deeplab", "deeplab_eval", "report")
+MAIN_ONLY = {"synth", "shard", "report"}
+DEMO_SYNTH = {"n_train": 300, "n_val": 60, "size": 128, "seed": 0}
+
+
+@dataclass
+class Dataset:
+    """Where the VOC/SBD data lives and which id lists each stage uses."""
+    voc_root: str
+    sbd_root: str = ""
+    cls_labels: str = ""
+    saliency_root: str = ""
+    train_list: str = ""     # CAM training + pseudo-labels (train_aug)
+    eval_list: str = ""      # seed / CRF evaluation (VOC train, 1,464 ids)
+    val_list: str = ""       # DeepLab evaluation (VOC val)
+    name: str = "VOC2012"
+
+    def list_path(self, which: str) -> Path:
+        given = getattr(self, f"{which}_list")
+        default = {"train": "train_aug.txt", "eval": "train.txt", "val": "val.txt"}[which]
+        return Path(given) if given else Path(self.voc_root) / "ImageSets" / "Segmentation" / default
+
+    @property
+    def gt_dir(self) -> Path:
+        return Path(self.voc_root) / "SegmentationClass"
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    run_dir: Path
+    data: Dataset
+    rank: int = 0
+    world: int = 1
+    device: object = None
+    progress: bool = True
+    workers: int = 0
+    wait_timeout_s: float = 4 * 3600
+    summary: dict = field(default_factory=dict)
+
+    def path(self, *parts) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+    def ids(self, which: str) -> list[str]:
+        from .voc import read_id_list
+        return read_id_list(self.data.list_path(which))
+
+
+# ------------------------------------------------------------------------------ stage markers
+def marker(ctx: Context, stage: str) -> Path:
+    return ctx.path("stages", f"{stage}.json")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def wait_for_marker(ctx: Context, stage: str) -> None:
+    """Non-main ranks: wait until rank 0 finished (or failed) a main-only stage."""
+    done, failed = marker(ctx, stage), ctx.path("stages", f"{stage}.failed")
+    deadline = time.monotonic() + ctx.wait_timeout_s
+    while not done.is_file():
+        if failed.is_file():
+            raise HscError(f"stage '{stage}' failed on rank 0: {failed.read_text().strip()}")
+        if time.monotonic() > deadline:
+            raise HscError(f"stage '{stage}': rank 0 did not finish within {ctx.wait_timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+# ------------------------------------------------------------------------------------ stages
+def stage_synth(ctx: Context) -> dict:
+    from .synth import generate
+    out = ctx.path("synth")
+    info = generate(out, DEMO_SYNTH["n_train"], DEMO_SYNTH["n_val"], DEMO_SYNTH["seed"], DEMO_SYNTH["size"])
+    return {"out": str(out), "images": info.get("n_images", None)}
+
+
+def stage_shard(ctx: Context) -> dict:
+    from .shard import shard_dataset
+    d = ctx.data
+    index = shard_dataset(d.voc_root, d.list_path("train"), ctx.path("shards"), sbd_root=d.sbd_root or None,
+                          cls_labels=d.cls_labels or None, saliency_root=d.saliency_root or None,
+                          workers=max(1, ctx.workers), progress=ctx.progress)
+    return {"index": str(ctx.path("shards", "index.json")), "samples": sum(index.get("counts", {}).values())
+            if isinstance(index.get("counts"), dict) else index.get("n_samples")}
+
+
+def shard_index(ctx: Context) -> str:
+    return str(ctx.path("shards", "index.json"))
+
+
+def stage_train_cam(ctx: Context) -> dict:
+    from .engine import train
+    ctx.cfg.data.train = shard_index(ctx)
+    summary = train(ctx.cfg, ctx.path("cam"), resume="auto", progress=ctx.progress)
+    return {"final": str(ctx.path("cam", "final", "model.pt")), "summary": summary}
+
+
+def _seed_job(ctx: Context, ids: list[str], gt: Optional[str] = None):
+    from .seeds import SeedJob
+    return SeedJob(cfg=ctx.cfg, data=shard_index(ctx), out=str(ctx.path("seeds")), ids=ids,
+                   checkpoint=str(ctx.path("cam")), gt=gt, workers=ctx.workers, progress=ctx.progress)
+
+
+def stage_cam(ctx: Context) -> dict:
+    from .seeds import load_cam_model, run_cam_stage
+    job = _seed_job(ctx, ctx.ids("train"))
+    model = load_cam_model(ctx.cfg.model, job.checkpoint, ctx.device)
+    n = run_cam_stage(job, model, ctx.device)
+    return {"cam_dir": str(ctx.path("seeds", "cam_npy")), "written_by_rank0": n}
+
+
+def stage_sweep(ctx: Context) -> dict:
+    """Threshold sweep on the evaluation list, then seed PNGs for it at the best threshold."""
+    from .seeds import run_label_stage, run_sweep_stage
+    job = _seed_job(ctx, ctx.ids("eval"), gt=str(ctx.data.gt_dir))
+    result = run_sweep_stage(job)
+    job.overlays = 8
+    run_label_stage(job, seeds=True, crf=False)
+    ctx.summary.update(seed_miou=result["best"]["miou"], seed_best_threshold=result["best"]["threshold"],
+                       seed_split=f"{ctx.data.name} {ctx.data.list_path('eval').stem} ({result['n_images']} images)")
+    return {"sweep": "seeds/sweep.json", "best": result["best"]}
+
+
+def stage_crf(ctx: Context) -> dict:
+    """CRF pseudo-labels for the whole training list; evaluated on the evaluation list."""
+    from .evaluate import evaluate, write_outputs
+    from .seeds import run_label_stage
+    job = _seed_job(ctx, ctx.ids("train"))
+    job.overlays = 8
+    run_label_stage(job, seeds=False, crf=True)
+    result = evaluate(ctx.data.gt_dir, pred_dir=ctx.path("seeds", "pseudo_labels"), ids=ctx.ids("eval"),
+                      workers=ctx.workers)
+    if ctx.rank == 0:
+        write_outputs(result, ctx.path("seeds", "crf_eval.json"))
+    ctx.summary.update(crf_miou=result["miou"],
+                       crf_split=f"{ctx.data.name} {ctx.data.list_path('eval').stem} ({result['n_images']} images)")
+    return {"pseudo_labels": "seeds/pseudo_labels", "miou": result["miou"]}
+
+
+def _deeplab_images(ctx: Context) -> str:
+    return shard_index(ctx)
+
+
+def stage_deeplab(ctx: Context) -> dict:
+    from .deeplab_train import train_deeplab
+    summary = train_deeplab(ctx.cfg, ctx.path("deeplab"), images=_deeplab_images(ctx),
+                            labels_dir=str(ctx.path("seeds", "pseudo_labels")), train_ids=ctx.ids("train"),
+                            resume="auto", progress=ctx.progress)
+    return {"final": str(ctx.path("deeplab", "final", "model.pt")), "summary": summary}
+
+
+def stage_deeplab_eval(ctx: Context) -> dict:
+    from .deeplab_train import evaluate_deeplab
+    results = evaluate_deeplab(ctx.cfg, ctx.path("deeplab"), images=ctx.data.voc_root, gt_dir=str(ctx.data.gt_dir),
+                               eval_ids=ctx.ids("val"), crf=ctx.cfg.deeplab.test_crf, progress=ctx.progress)
+    plain, with_crf = results["plain"], results.get("crf")
+    split = f"{ctx.data.name} {ctx.data.list_path('val').stem} ({plain['n_images']} images)"
+    ctx.summary.update(deeplab_miou=plain["miou"], deeplab_split=split)
+    if with_crf:
+        ctx.summary.update(deeplab_crf_miou=with_crf["miou"], deeplab_crf_split=split)
+    return {"miou": plain["miou"], "crf_miou": with_crf["miou"] if with_crf else None}
+
+
+def stage_report(ctx: Context) -> dict:
+    from .report import write_report
+    md, page = write_report(ctx.run_dir)
+    return {"report_md": str(md), "report_html": str(page)}
+
+
+STAGE_FUNCS: dict[str, Callable[[Context], dict]] = {
+    "synth": stage_synth, "shard": stage_shard, "train_cam": stage_train_cam, "cam": stage_cam,
+    "sweep": stage_sweep, "crf": stage_crf, "deeplab": stage_deeplab, "deeplab_eval": stage_deeplab_eval,
+    "report": stage_report,
+}
+
+
+# ---------------------------------------------------------------------------------- summary
+def write_summary(ctx: Context, stage_seconds: dict) -> Path:
+    """summary.json: headline numbers (percent), the splits they were measured on, stage times."""
+    path = ctx.path("summary.json")
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    summary = {**old, **ctx.summary}
+    summary["stage_seconds"] = {**old.get("stage_seconds", {}), **stage_seconds}
+    summary.setdefault("seed_eval", "seeds/sweep.json")
+    summary.setdefault("crf_eval", "seeds/crf_eval.json")
+    summary.setdefault("deeplab_eval", "deeplab/eval.json")
+    summary.setdefault("deeplab_crf_eval", "deeplab/eval_crf.json")
+    summary.setdefault("curve_png", "seeds/sweep.png")
+    summary.setdefault("overlay_dirs", ["seeds/overlays"])
+    summary["dataset"] = ctx.data.name
+    summary["run_dir"] = str(ctx.run_dir)
+    _write_json(path, summary)
+    return path
+
+
+def run_stage(ctx: Context, stage: str, force: bool, stage_seconds: dict) -> None:
+    done = marker(ctx, stage)
+    if done.is_file() and not force:
+        info = json.loads(done.read_text())
+        ctx.summary.update(info.get("summary", {}))
+        _say(ctx, f"[pipeline] {stage}: already complete ({done}), skipped")
+        return
+    if stage in MAIN_ONLY and ctx.rank != 0:
+        wait_for_marker(ctx, stage)
+        ctx.summary.update(json.loads(done.read_text()).get("summary", {}))
+        return
+    _say(ctx, f"[pipeline] {stage}: running")
+    before = dict(ctx.summary)
+    t0 = time.perf_counter()
+    try:
+        outputs = STAGE_FUNCS[stage](ctx)
+    except BaseException as e:
+        if ctx.rank == 0:
+            _write_json(ctx.path("stages", f"{stage}.failed"), {"error": f"{type(e).__name__}: {e}"})
+        raise
+    seconds = time.perf_counter() - t0
+    stage_seconds[stage] = seconds
+    added = {k: v for k, v in ctx.summary.items() if before.get(k) != v}
+    if ctx.rank == 0:
+        ctx.path("stages", f"{stage}.failed").unlink(missing_ok=True)
+        _write_json(done, {"stage": stage, "seconds": seconds, "outputs": outputs, "summary": added})
+        write_summary(ctx, {stage: seconds})
+    _say(ctx, f"[pipeline] {stage}: done in {seconds:.1f} s")
+
+
+def _say(ctx: Context, msg: str) -> None:
+    if ctx.rank == 0:
+        print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/pipeline.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the whole HSC pipeline (shard, CAM training, seeds, CRF, DeepLab, evaluation, report).",
+        epilog="examples:\n"
+               "  python launch/pipeline.py --demo --run-dir runs/demo\n"
+               "  deepspeed --num_gpus 8 launch/pipeline.py --config hsc_eps_official --run-dir runs/hsc \\\n"
+               "      --voc-root data/VOC2012 --sbd-root data/SBD --cls-labels data/cls_labels.npy \\\n"
+               "      --saliency-root data/SALImages --set model.weights=weights/ilsvrc-cls_rna-a1_cls1000_ep-0001.params")
+    p.add_argument("--run-dir", required=True, help="one folder for every stage's outputs")
+    p.add_argument("--demo", action="store_true",
+                   help="generate the synthetic VOC/SBD set into RUN_DIR/synth and use configs/demo.yaml")
+    p.add_argument("--config", default=None, help="YAML config or preset (default: demo with --demo, else hsc_eps_official)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--voc-root", default="", help="VOC2012 folder (JPEGImages, SegmentationClass, Annotations, ImageSets)")
+    p.add_argument("--sbd-root", default="", help="SBD folder (img/, cls/) for the train_aug ids without VOC masks")
+    p.add_argument("--cls-labels", default="", help="cls_labels.npy (IRN or SEAM keys); default: VOC XML")
+    p.add_argument("--saliency-root", default="", help="saliency maps (EPS-based methods)")
+    p.add_argument("--train-list", default="", help="training ids (default: VOC_ROOT/ImageSets/Segmentation/train_aug.txt)")
+    p.add_argument("--eval-list", default="", help="seed/CRF evaluation ids (default: .../train.txt)")
+    p.add_argument("--val-list", default="", help="DeepLab evaluation ids (default: .../val.txt)")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated subset of: {', '.join(STAGES)} (in this order)")
+    p.add_argument("--force", action="store_true", help="rerun the selected stages even if complete")
+    p.add_argument("--workers", type=int, default=2, help="CPU worker processes for sharding, loading, CRF, evaluation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return p
+
+
+def dataset_from_args(args, run_dir: Path) -> Dataset:
+    if args.demo:
+        synth = run_dir / "synth"
+        return Dataset(voc_root=str(synth / "VOC2012"), sbd_root=str(synth / "SBD"),
+                       cls_labels=str(synth / "cls_labels.npy"), saliency_root=str(synth / "SaliencyMaps"),
+                       name="synthetic VOC (hsc_fast.synth, seed 0)")
+    if not args.voc_root:
+        raise ConfigError("--voc-root is required (or --demo for the synthetic set)")
+    return Dataset(voc_root=args.voc_root, sbd_root=args.sbd_root, cls_labels=args.cls_labels,
+                   saliency_root=args.saliency_root, train_list=args.train_list, eval_list=args.eval_list,
+                   val_list=args.val_list)
+
+
+def selected_stages(text: str, demo: bool) -> list[str]:
+    wanted = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
+    return [s for s in STAGES if s in wanted and (demo or s != "synth")]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run_dir = Path(args.run_dir).resolve()
+    try:
+        cfg = load_config(args.config or ("demo" if args.demo else "hsc_eps_official"), args.set)
+        data = dataset_from_args(args, run_dir)
+        stages = selected_stages(args.stages, args.demo)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from . import distributed as D
+    # Long collective timeout: ranks legitimately wait for each other's share of inference/CRF.
+    # Training watches its peers with its own heartbeat (train.dist_timeout_s).
+    info = D.init_distributed(timeout_s=max(cfg.train.dist_timeout_s, 3600), local_rank_arg=args.local_rank)
+    ctx = Context(cfg=cfg, run_dir=run_dir, data=data, rank=info.rank, world=info.world_size, device=info.device,
+                  progress=not args.no_progress, workers=args.workers)
+    stage_seconds: dict = {}
+    t0 = time.perf_counter()
+    try:
+        if ctx.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            from .config import save_config
+            save_config(cfg, run_dir / "config.yaml")
+        for stage in stages:
+            run_stage(ctx, stage, args.force, stage_seconds)
+    except HscError as e:
+        print(f"[rank {ctx.rank}] pipeline failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        D.shutdown(info)
+    if ctx.rank == 0:
+        summary = json.loads(ctx.path("summary.json").read_text()) if ctx.path("summary.json").is_file() else {}
+        print(f"[pipeline] finished in {time.perf_counter() - t0:.0f} s; report: {ctx.path('report.md')}")
+        for key in ("seed_miou", "seed_best_threshold", "crf_miou", "deeplab_miou"):
+            if key in summary:
+                print(f"  {key:20s} {summary[key]:.2f}")
+    return 0
