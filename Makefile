@@ -33,8 +33,12 @@ test: setup
 test-fast: setup
 	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
+# The whole pipeline on the synthetic set, 2 CPU ranks under the DeepSpeed launcher. Rerunning
+# skips finished stages (RUN_DIR/stages/*.json); `rm -rf runs/demo` starts over.
+DEMO_PORT ?= 29533
 demo: setup
-	OMP_NUM_THREADS=1 $(PY) launch/pipeline.py --demo --run-dir runs/demo
+	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 --master_port $(DEMO_PORT) \
+		launch/pipeline.py --demo --run-dir runs/demo
 
 bench: setup
 	$(PY) benchmarks/bench_loader.py --quick

@@ -33,7 +33,6 @@ from .errors import ConfigError, HscError
 
 STAGES = ("synth", "shard", "train_cam", "cam", "sweep", "crf", "deeplab", "deeplab_eval", "report")
 MAIN_ONLY = {"synth", "shard", "report"}
-DEMO_SYNTH = {"n_train": 300, "n_val": 60, "size": 128, "seed": 0}
 
 
 @dataclass
@@ -69,6 +68,7 @@ class Context:
     progress: bool = True
     workers: int = 0
     wait_timeout_s: float = 4 * 3600
+    synth: dict = field(default_factory=lambda: {"n_train": 300, "n_val": 60, "size": 128, "seed": 0})
     summary: dict = field(default_factory=dict)
 
     def path(self, *parts) -> Path:
@@ -97,7 +97,7 @@ def wait_for_marker(ctx: Context, stage: str) -> None:
     deadline = time.monotonic() + ctx.wait_timeout_s
     while not done.is_file():
         if failed.is_file():
-            raise HscError(f"stage '{stage}' failed on rank 0: {failed.read_text().strip()}")
+            raise HscError(f"stage '{stage}' failed on rank 0: {json.loads(failed.read_text())['error']}")
         if time.monotonic() > deadline:
             raise HscError(f"stage '{stage}': rank 0 did not finish within {ctx.wait_timeout_s:.0f} s")
         time.sleep(0.5)
@@ -107,8 +107,8 @@ def wait_for_marker(ctx: Context, stage: str) -> None:
 def stage_synth(ctx: Context) -> dict:
     from .synth import generate
     out = ctx.path("synth")
-    info = generate(out, DEMO_SYNTH["n_train"], DEMO_SYNTH["n_val"], DEMO_SYNTH["seed"], DEMO_SYNTH["size"])
-    return {"out": str(out), "images": info.get("n_images", None)}
+    info = generate(out, ctx.synth["n_train"], ctx.synth["n_val"], ctx.synth["seed"], ctx.synth["size"])
+    return {"out": str(out), **ctx.synth, "seconds_generate": info.get("seconds")}
 
 
 def stage_shard(ctx: Context) -> dict:
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="one folder for every stage's outputs")
     p.add_argument("--demo", action="store_true",
                    help="generate the synthetic VOC/SBD set into RUN_DIR/synth and use configs/demo.yaml")
+    p.add_argument("--synth-train", type=int, default=300, help="--demo: synthetic training images (30%% SBD-only)")
+    p.add_argument("--synth-val", type=int, default=60, help="--demo: synthetic validation images")
+    p.add_argument("--synth-size", type=int, default=128, help="--demo: synthetic image size in pixels")
     p.add_argument("--config", default=None, help="YAML config or preset (default: demo with --demo, else hsc_eps_official)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--voc-root", default="", help="VOC2012 folder (JPEGImages, SegmentationClass, Annotations, ImageSets)")
@@ -332,7 +335,8 @@ def main(argv=None) -> int:
     # Training watches its peers with its own heartbeat (train.dist_timeout_s).
     info = D.init_distributed(timeout_s=max(cfg.train.dist_timeout_s, 3600), local_rank_arg=args.local_rank)
     ctx = Context(cfg=cfg, run_dir=run_dir, data=data, rank=info.rank, world=info.world_size, device=info.device,
-                  progress=not args.no_progress, workers=args.workers)
+                  progress=not args.no_progress, workers=args.workers,
+                  synth={"n_train": args.synth_train, "n_val": args.synth_val, "size": args.synth_size, "seed": 0})
     stage_seconds: dict = {}
     t0 = time.perf_counter()
     try:
