@@ -276,8 +276,8 @@ def verify_shards(directory) -> dict:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         entries = index["shards"]
         assert isinstance(entries, list)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-        raise DataError(f"{index_path}: not a readable shard index ({e})") from e
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as e:
+        raise DataError(f"{index_path}: not a readable shard index ({str(e)[:200]})") from e
     problems: list[dict] = []
     n_samples = 0
     for entry in entries:

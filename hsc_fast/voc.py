@@ -148,7 +148,7 @@ def read_label_png(src: PathOrBytes) -> np.ndarray:
                 raise DataError(f"{where}: label image mode {im.mode!r}; expected a palette ('P') "
                                 "or 8-bit grey ('L') PNG of class indices (an RGB colour mask is not supported)")
             arr = np.array(im, dtype=np.uint8)  # for 'P' this is the palette index, i.e. the class
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         if isinstance(e, DataError):
             raise
         raise DataError(f"{where}: not a readable PNG label image ({e})") from e
@@ -274,8 +274,8 @@ def load_pickled_npy_dict(path: Union[str, os.PathLike]) -> dict:
             shape, _, dtype = fmt.read_array_header_1_0(f)
         else:
             shape, _, dtype = fmt.read_array_header_2_0(f)
-    except ValueError as e:
-        raise DataError(f"{path}: not a .npy file ({e})") from e
+    except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, tokenize.TokenError, ...
+        raise DataError(f"{path}: not a .npy file ({type(e).__name__}: {str(e)[:200]})") from e
     if shape != () or dtype != np.dtype(object):
         raise DataError(f"{path}: .npy holds {dtype} {shape}; expected a pickled dict")
     try:
@@ -332,8 +332,8 @@ def load_cls_labels(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
     if suffix == ".json":
         try:
             raw = json.loads(_read_bytes(path).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from e
+        except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, over-long ints, deep nesting
+            raise DataError(f"{path}: not valid JSON ({str(e)[:200]})") from e
         value_of = _json_value
     elif suffix == ".npy":
         raw = load_pickled_npy_dict(path)
@@ -361,12 +361,26 @@ def save_cls_labels_npy(path: Union[str, os.PathLike], labels: dict[str, np.ndar
 
 # ------------------------------------------------------------------------------------------ VOC XML
 
+def _refuse_declarations(data: bytes, where: str) -> None:
+    """Refuse DOCTYPE/ENTITY declarations (the road to entity-expansion bombs) in any encoding:
+    expat reports them after decoding, where a byte search misses e.g. UTF-16 files."""
+    from xml.parsers import expat
+
+    def refuse(*_):
+        raise DataError(f"{where}: XML with DOCTYPE/ENTITY declarations is refused (VOC files have none)")
+    parser = expat.ParserCreate()
+    parser.StartDoctypeDeclHandler = parser.EntityDeclHandler = refuse
+    try:
+        parser.Parse(data, True)
+    except (expat.ExpatError, ValueError, RecursionError) as e:
+        raise DataError(f"{where}: malformed XML ({e})") from e
+
+
 def parse_voc_xml(src: PathOrBytes) -> list[int]:
     """VOC annotation XML -> sorted unique class indices (1..20) of its <object><name>s."""
     where = _describe(src)
     data = _read_bytes(src)
-    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
-        raise DataError(f"{where}: XML with DOCTYPE/ENTITY declarations is refused (VOC files have none)")
+    _refuse_declarations(data, where)
     try:
         root = ET.fromstring(data)
     except ET.ParseError as e:
@@ -387,23 +401,127 @@ def parse_voc_xml(src: PathOrBytes) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ SBD .mat
 
+# MAT v5 data types and array classes (MathWorks "MAT-File Format", level 5).
+_MI_DTYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
+_MX_DTYPES = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
+_MI_INT32, _MI_UINT32, _MI_MATRIX, _MI_COMPRESSED, _MX_STRUCT = 5, 6, 14, 15, 2
+_MAT_MAX_BYTES = 1 << 28  # decompressed-size guard (a zlib bomb is refused, not inflated)
+
+
+class _Mat5:
+    """A bounds-checked reader of the MAT v5 subset SBD uses (compressed or not): it walks data
+    elements itself and only decodes what it is asked for. scipy's C reader is not used on these
+    untrusted files: a few flipped bytes make it crash the process (segfault) -- found by fuzzing."""
+
+    def __init__(self, data: bytes, where: str):
+        self.where = where
+        if len(data) < 128 or data[126:128] not in (b"IM", b"MI"):
+            raise self.error("not a MATLAB v5 .mat file (no v5 header; v4 and v7.3/HDF5 files are not supported)")
+        self.end = "<" if data[126:128] == b"IM" else ">"
+        self.variables = {}
+        for mtype, payload in self.elements(data[128:]):
+            if mtype == _MI_COMPRESSED:
+                mtype, payload = self.single_element(self.inflate(payload))
+            if mtype == _MI_MATRIX and payload:
+                self.variables[self.header(payload)[2]] = payload
+
+    def error(self, what: str) -> DataError:
+        return DataError(f"{self.where}: {what}")
+
+    def inflate(self, payload: bytes) -> bytes:
+        import zlib
+        d = zlib.decompressobj()
+        try:
+            out = d.decompress(payload, _MAT_MAX_BYTES)
+        except zlib.error as e:
+            raise self.error(f"corrupt compressed element ({e})") from e
+        if d.unconsumed_tail:
+            raise self.error(f"compressed element inflates beyond {_MAT_MAX_BYTES} bytes")
+        return out
+
+    def elements(self, buf: bytes):
+        """(type, payload) of each data element in ``buf``, checking every size against the buffer."""
+        pos = 0
+        while pos < len(buf):
+            if len(buf) - pos < 8:
+                raise self.error(f"truncated data element at byte {pos}")
+            first, second = np.frombuffer(buf, self.end + "u4", 2, pos).tolist()
+            if first >> 16:  # small element: type and size packed into 4 bytes, data in the next 4
+                mtype, size, start, pos = first & 0xFFFF, first >> 16, pos + 4, pos + 8
+                if size > 4:
+                    raise self.error(f"small data element of {size} bytes (at most 4)")
+            else:
+                mtype, size, start = first, second, pos + 8
+                if size > len(buf) - start:
+                    raise self.error(f"data element of {size} bytes overruns the file (at byte {pos})")
+                pos = start + size + (0 if mtype == _MI_COMPRESSED else -size % 8)
+            yield mtype, buf[start:start + size]
+
+    def single_element(self, buf: bytes) -> tuple:
+        found = list(self.elements(buf))
+        if len(found) != 1:
+            raise self.error(f"compressed element holds {len(found)} data elements; expected 1")
+        return found[0]
+
+    def numbers(self, mtype: int, payload: bytes, what: str) -> np.ndarray:
+        if mtype not in _MI_DTYPES:
+            raise self.error(f"{what}: unsupported data type {mtype}")
+        dtype = np.dtype(self.end + _MI_DTYPES[mtype])
+        if len(payload) % dtype.itemsize:
+            raise self.error(f"{what}: {len(payload)} bytes is not a whole number of {dtype} values")
+        return np.frombuffer(payload, dtype)
+
+    def header(self, payload: bytes) -> tuple:
+        """A matrix element -> (array class, dims, name, the remaining sub-elements)."""
+        subs = list(self.elements(payload))
+        if len(subs) < 3 or subs[0][0] != _MI_UINT32 or len(subs[0][1]) != 8 or subs[1][0] != _MI_INT32:
+            raise self.error("malformed matrix element (expected array flags, dimensions, name)")
+        cls = int(self.numbers(*subs[0], "array flags")[0]) & 0xFF
+        dims = self.numbers(*subs[1], "dimensions").astype(np.int64)
+        if dims.size < 2 or (dims < 0).any() or int(np.prod(dims, dtype=np.float64)) > _MAT_MAX_BYTES:
+            raise self.error(f"matrix dimensions {dims.tolist()} out of range")
+        try:
+            name = bytes(subs[2][1]).decode("ascii")
+        except UnicodeDecodeError as e:
+            raise self.error("matrix name is not ASCII") from e
+        return cls, tuple(dims.tolist()), name, subs[3:]
+
+    def struct_field(self, payload: bytes, field: str, what: str) -> bytes:
+        """The matrix element of ``field`` in a 1x1 struct (other fields are never decoded)."""
+        cls, dims, _, subs = self.header(payload)
+        if cls != _MX_STRUCT or dims != (1, 1) or len(subs) < 2:
+            raise self.error(f"expected {what} to be a 1x1 struct")
+        width = self.numbers(*subs[0], f"{what} field name length")
+        names_raw = bytes(subs[1][1])
+        if width.size != 1 or int(width[0]) <= 0 or len(names_raw) % int(width[0]):
+            raise self.error(f"{what}: malformed field names")
+        width = int(width[0])
+        names = [names_raw[i:i + width].split(b"\0")[0].decode("ascii", "replace") for i in range(0, len(names_raw), width)]
+        values = subs[2:]
+        if len(values) != len(names) or any(t != _MI_MATRIX for t, _ in values):
+            raise self.error(f"{what}: {len(names)} field names but {len(values)} field values")
+        if field not in names:
+            raise self.error(f"{what} has no field '{field}' (fields: {', '.join(names)})")
+        return values[names.index(field)][1]
+
+    def numeric(self, payload: bytes, what: str) -> np.ndarray:
+        cls, dims, _, subs = self.header(payload) if payload else (9, (0, 0), "", [(2, b"")])
+        if cls not in _MX_DTYPES or not subs:
+            raise self.error(f"{what} is not a numeric matrix (array class {cls})")
+        values = self.numbers(*subs[0], what)
+        if values.size != int(np.prod(dims)):
+            raise self.error(f"{what}: {values.size} values for dimensions {list(dims)}")
+        return values.astype(_MX_DTYPES[cls]).reshape(dims, order="F")
+
+
 def read_sbd_mat(src: PathOrBytes) -> np.ndarray:
     """SBD ``cls/*.mat`` -> uint8 (H, W) class indices (``GTcls.Segmentation``)."""
-    import scipy.io
     where = _describe(src)
-    data = _read_bytes(src)
-    try:
-        mat = scipy.io.loadmat(io.BytesIO(data))
-    except Exception as e:  # scipy raises many types (ValueError, NotImplementedError for v7.3, ...)
-        raise DataError(f"{where}: not a readable MATLAB v5 .mat file ({type(e).__name__}: {e})") from e
-    gt = mat.get("GTcls")
-    if not isinstance(gt, np.ndarray) or gt.dtype.names is None or "Segmentation" not in gt.dtype.names:
-        raise DataError(f"{where}: expected a struct 'GTcls' with field 'Segmentation' (SBD cls format)")
-    try:
-        seg = gt["Segmentation"][0, 0]
-    except (IndexError, ValueError) as e:
-        raise DataError(f"{where}: GTcls.Segmentation is not a 1x1 struct field ({e})") from e
-    seg = np.asarray(seg)
+    mat = _Mat5(_read_bytes(src), where)
+    if "GTcls" not in mat.variables:
+        raise DataError(f"{where}: expected a struct 'GTcls' with field 'Segmentation' (SBD cls format); "
+                        f"variables: {', '.join(mat.variables) or 'none'}")
+    seg = mat.numeric(mat.struct_field(mat.variables["GTcls"], "Segmentation", "GTcls"), "GTcls.Segmentation")
     if seg.ndim != 2 or seg.size == 0 or not np.issubdtype(seg.dtype, np.integer):
         raise DataError(f"{where}: GTcls.Segmentation is {seg.dtype} {seg.shape}; expected an integer (H, W) matrix")
     if seg.min() < 0 or seg.max() > IGNORE_INDEX:

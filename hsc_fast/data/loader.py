@@ -93,8 +93,8 @@ class SkipCounter:
 def _read_index(path: Path) -> dict:
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read the shard index ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, bad UTF-8 / JSON, absurd nesting
+        raise DataError(f"{path}: cannot read the shard index ({str(e)[:200]})") from e
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
         raise DataError(f"{path}: expected a shard index with a 'shards' list (written by hsc_fast.shard)")
     return index
