@@ -340,30 +340,6 @@ class DeeplabTrainer:
                                 f"{self.info.rank}: {type(e).__name__}: {str(e)[:200]})") from e
 
 
-class _StageHeartbeat(D.Heartbeat):
-    """A Heartbeat whose store keys are private to one stage run: a pipeline that already ran CAM
-    training in the same process group (and marked its ranks 'done') still gets a live monitor."""
-
-    def __init__(self, namespace: str, *args, **kw):
-        self.namespace = namespace
-        super().__init__(*args, **kw)
-
-    def _beat_key(self, rank: int) -> str:
-        return f"hsc_fast/{self.namespace}/heartbeat/{rank}"
-
-    def _done_key(self, rank: int) -> str:
-        return f"hsc_fast/{self.namespace}/done/{rank}"
-
-
-_STAGE_RUNS = {"n": 0}
-
-
-def _stage_namespace(kind: str) -> str:
-    """Same on every rank: all ranks run the same sequence of stages."""
-    _STAGE_RUNS["n"] += 1
-    return f"{kind}{_STAGE_RUNS['n']}"
-
-
 # ------------------------------------------------------------------------------- public API
 def train_deeplab(cfg: RunConfig, run_dir, *, images: str, labels_dir: str, train_ids: Sequence[str],
                   resume: str = "auto", progress: bool = True, ds_config_path: Optional[str] = None,
@@ -393,8 +369,8 @@ def train_deeplab(cfg: RunConfig, run_dir, *, images: str, labels_dir: str, trai
         log.info("DeepLab rank %d/%d on %s (%s, launched by %s)", info.rank, info.world_size, info.device,
                  info.backend, info.launched_by)
         dataset = build_train_set(cfg, images, labels_dir, train_ids)
-        heartbeat = _StageHeartbeat(_stage_namespace("deeplab"), info.rank, info.world_size,
-                                    cfg.train.dist_timeout_s).start()
+        heartbeat = D.Heartbeat(info.rank, info.world_size, cfg.train.dist_timeout_s,
+                                namespace=D.stage_namespace("deeplab")).start()
         trainer = DeeplabTrainer(cfg, run_dir, info, dataset, ds_cfg, log)
         summary = trainer.fit(cfg.deeplab.max_steps, cfg.deeplab.save_every, resume_from, heartbeat)
         log.info("finished: %s", summary)

@@ -17,7 +17,10 @@ the rendezvous store every second and watches the others' counters; when a peer'
 moving for `timeout_s` (or the store itself -- hosted by rank 0 or the launcher -- goes away) it
 logs "rank R lost" and ends this process with `EXIT_RANK_LOST`, so no rank hangs. When a
 collective fails first (gloo notices a closed socket at once), `Heartbeat.lost_ranks()` names the
-peers that went silent for the error message.
+peers that went silent for the error message. Each stage run in a process group (the pipeline runs
+CAM training, then DeepLab, in one group) watches its own store keys (`stage_namespace`): a
+stage's clean end marks its ranks "done" only within its namespace, so the next stage still
+detects a dead peer.
 """
 from __future__ import annotations
 
@@ -234,17 +237,30 @@ def _default_store():
     return c10d._get_default_store()
 
 
+_STAGE_RUNS: dict[str, int] = {}
+
+
+def stage_namespace(stage: str) -> str:
+    """Heartbeat namespace of the next run of `stage` in this process ("train_cam.1", ...): the
+    run number keeps even a repeated stage apart from the finished one. Same on every rank, as
+    all ranks run the same sequence of stages."""
+    _STAGE_RUNS[stage] = _STAGE_RUNS.get(stage, 0) + 1
+    return f"{stage}.{_STAGE_RUNS[stage]}"
+
+
 class Heartbeat:
     """Per-rank liveness counters in the rendezvous store; ends this process if a peer dies.
 
     The monitor never calls a collective, so it keeps running while the main thread is blocked
     inside one. `stop()` marks this rank as finished so that peers do not mistake a clean exit
-    for a death.
+    for a death. `namespace` prefixes the store keys ("" = the un-namespaced keys): every rank of
+    one stage must use the same one, and a new stage a new one (see `stage_namespace`).
     """
 
     def __init__(self, rank: int, world_size: int, timeout_s: float, interval_s: float = 1.0,
-                 store=None, on_lost: Optional[Callable[[str], None]] = None):
+                 store=None, on_lost: Optional[Callable[[str], None]] = None, namespace: str = ""):
         self.rank, self.world_size = rank, world_size
+        self.prefix = f"hsc_fast/{namespace}/" if namespace else "hsc_fast/"
         self.timeout_s, self.interval_s = float(timeout_s), float(interval_s)
         self.store = store if store is not None else _default_store()
         self.on_lost = on_lost or self._exit_lost
@@ -253,13 +269,11 @@ class Heartbeat:
         self._thread: Optional[threading.Thread] = None
 
     # Store keys -----------------------------------------------------------------------------
-    @staticmethod
-    def _beat_key(rank: int) -> str:
-        return f"hsc_fast/heartbeat/{rank}"
+    def _beat_key(self, rank: int) -> str:
+        return f"{self.prefix}heartbeat/{rank}"
 
-    @staticmethod
-    def _done_key(rank: int) -> str:
-        return f"hsc_fast/done/{rank}"
+    def _done_key(self, rank: int) -> str:
+        return f"{self.prefix}done/{rank}"
 
     def start(self) -> "Heartbeat":
         if self.world_size > 1:

@@ -617,7 +617,8 @@ def train(cfg: RunConfig, run_dir, resume: str = "", ds_config_path: Optional[st
         log.write_env(env)
         log.info("rank %d/%d on %s (%s, launched by %s)", info.rank, info.world_size, info.device,
                  info.backend, info.launched_by)
-        heartbeat = D.Heartbeat(info.rank, info.world_size, cfg.train.dist_timeout_s).start()
+        heartbeat = D.Heartbeat(info.rank, info.world_size, cfg.train.dist_timeout_s,
+                                namespace=D.stage_namespace("train_cam")).start()
         trainer = Trainer(cfg, run_dir, info, ds_cfg, log)
         summary = trainer.fit(cfg.train.max_steps, cfg.train.save_every, resume_from, heartbeat)
         log.info("finished: %s", summary)

@@ -15,7 +15,8 @@ every HSC loss follows one rule:
       mean need all of them) -> all_gather of the (b,2,D) pooled vectors per view.
     - CSC / PSC top-k: each rank takes its local top-k per class, the candidate SCORES are
       all_gathered (C x k floats per rank), every rank picks the same global top-k from them,
-      and the score-weighted feature sums of the chosen candidates are all_reduced (C x D):
+      ties broken by the global pixel index exactly as one process would (see
+      `global_topk_sums`), and the score-weighted feature sums of the chosen candidates are all_reduced (C x D):
       no feature maps travel. Denominators come from the gathered scores.
     - CSC's set of classes present in the batch: all_reduce of the label counts.
     - PSC's per-pixel InfoNCE means: all_reduce of (local mean x local pixel count) and of
@@ -38,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import NUM_CLASSES
-from .ops import upcast, LossInputError
+from .ops import stable_topk, upcast, LossInputError
 
 BANK_SHAPES = {
     "rsc1": (2, 256), "rsc2": (2, 256),
@@ -133,16 +134,20 @@ def global_topk_sums(scores: torch.Tensor, feats: torch.Tensor, k_nums: list[int
     global top-k of each row (C,D), and the sum of the global top-k_denom scores (C,).
 
     scores (C,M) local, constants; feats (M,D) local (gradient flows to the local candidates).
-    Ties between equal scores are broken by rank order (any order is valid).
+    Ties go to the lower GLOBAL pixel index, the order of the one-process batch (rank 0's
+    pixels first, then rank 1's, ...), as `ops.topk_proto` does for one process: each rank
+    keeps its local top-k with that rule (`stable_topk`: score descending, lower index first),
+    so the rank-major concatenation of the candidates lists tied scores in global-index order,
+    and a second `stable_topk` over it (lower position first) picks exactly the global top-k.
     """
     scores = upcast(scores.detach())
     k_max = max(list(k_nums) + [k_denom])
     k_local = min(k_max, scores.shape[1])
-    values, index = torch.topk(scores, k_local, dim=1)                 # (C,k_local)
+    values, index = stable_topk(scores, k_local)                       # (C,k_local)
     every, sizes = ctx.all_gather_cat(values.t().contiguous())         # (sum k_local, C)
     every = every.t()
     k_global = min(k_max, every.shape[1])
-    top_values, top_pos = torch.topk(every, k_global, dim=1)          # same on every rank
+    top_values, top_pos = stable_topk(every, k_global)                # same on every rank
     start = sum(sizes[: ctx.rank])
     # order[c, i] = global rank of local candidate i of row c (k_global when not selected)
     order = torch.full_like(values, float(k_global), dtype=torch.float32)

@@ -1,15 +1,18 @@
 """Batch-wide top-k prototypes (CSC class vectors, PSC prototypes, bank updates).
 
 Math (reference `hsc_fast.ops.topk_proto_reference`): per row c of scores (C,M), take the top
-max(k, k_denom) candidates (both clipped to M; ties in any order);
+max(k, k_denom) candidates (both clipped to M), ordered by score descending, equal scores by
+LOWER index first (a stable descending sort; the cross-rank top-k relies on this tie rule);
     proto = sum_{top-k} s*f / den,  den = sum_{top-k_denom} s  (den == 0 -> 1),
 then v / max(||v||, 1e-12) if normalize. float32 (C,D) out; gradient to feats only.
 
 Selection (M up to 16*112*112 = 200k per row, k up to a few hundred): block-wise top-k
 candidates, then merge.
   1. Every score becomes one int64 sort key: the float's bits mapped to an order-preserving
-     int32 (negative floats get their magnitude bits flipped) in the high word, the pixel index
-     in the low word. Keys are unique, so one sort orders scores and carries indices along.
+     int32 (negative floats get their magnitude bits flipped; -0.0 counts as 0.0) in the high
+     word, MAX_INDEX - pixel index in the low word, so that among equal scores the LOWER index
+     has the larger key and comes first in the descending order. Keys are unique, so one sort
+     orders scores and carries indices along.
   2. `_topk_chunk_kernel`, grid (C, chunks): each program bitonic-sorts a CHUNK of keys
      and keeps its best KEEP = max(k, k_denom) in a candidate buffer. The buffer is KEEP/CHUNK the
      size of its input; the same kernel runs again on it until one chunk holds a whole row
@@ -31,20 +34,24 @@ from hsc_fast.errors import HscError
 
 MAX_KEEP = 1024           # largest max(k, k_denom) the chunked selection is sized for
 PAD_KEY = tl.constexpr(-(2 ** 63))  # sorts after every real key
+LARGEST_INDEX = 2 ** 31 - 1          # low word = LARGEST_INDEX - index: lower index, larger key
+MAX_INDEX = tl.constexpr(LARGEST_INDEX)
 
 
 @triton.jit
 def _score_keys(scores, index):
-    """Order-preserving int64 keys: (monotone int32 image of the float32 score, index)."""
+    """Order-preserving int64 keys: (monotone int32 image of the float32 score,
+    MAX_INDEX - index). -0.0 becomes +0.0 first: they compare equal, so they must tie."""
+    scores = tl.where(scores == 0.0, 0.0, scores)
     bits = scores.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | index.to(tl.int64)
+    return (ordered.to(tl.int64) << 32) | (MAX_INDEX - index.to(tl.int64))
 
 
 @triton.jit
 def _key_index(keys):
-    """The low 32 bits of a key: the candidate's column in the scores row."""
-    return keys - ((keys >> 32) << 32)
+    """The candidate's column in the scores row, from the low 32 bits of its key."""
+    return MAX_INDEX - (keys - ((keys >> 32) << 32))
 
 
 @triton.jit
@@ -105,7 +112,7 @@ def _proto_kernel(cand_ptr, scores_ptr, f_ptr, out_ptr, den_ptr, norm_ptr,
     row = tl.program_id(0)
     r = tl.arange(0, BLOCK_KEEP)
     d = tl.arange(0, BLOCK_D)
-    keys = tl.load(cand_ptr + row * stride_cand + r, mask=r < keep, other=0)
+    keys = tl.load(cand_ptr + row * stride_cand + r, mask=r < keep, other=MAX_INDEX)  # -> column 0
     idx = _key_index(keys)
     s = tl.load(scores_ptr + row * stride_s + idx, mask=r < keep, other=0.0).to(tl.float32)
     den = tl.sum(tl.where(r < k_denom, s, 0.0), axis=0)
@@ -115,7 +122,7 @@ def _proto_kernel(cand_ptr, scores_ptr, f_ptr, out_ptr, den_ptr, norm_ptr,
     for r0 in range(0, k, ROWS):
         rr = r0 + tl.arange(0, ROWS)
         take = rr < k
-        ii = _key_index(tl.load(cand_ptr + row * stride_cand + rr, mask=take, other=0))
+        ii = _key_index(tl.load(cand_ptr + row * stride_cand + rr, mask=take, other=MAX_INDEX))
         ss = tl.load(scores_ptr + row * stride_s + ii, mask=take, other=0.0).to(tl.float32)
         f = tl.load(f_ptr + ii[:, None] * stride_f + d[None, :],
                     mask=take[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
@@ -146,7 +153,7 @@ def _proto_bwd_kernel(grad_ptr, out_ptr, cand_ptr, scores_ptr, den_ptr, norm_ptr
     for r0 in range(0, k, ROWS):
         r = r0 + tl.arange(0, ROWS)
         take = r < k
-        idx = _key_index(tl.load(cand_ptr + row * stride_cand + r, mask=take, other=0))
+        idx = _key_index(tl.load(cand_ptr + row * stride_cand + r, mask=take, other=MAX_INDEX))
         s = tl.load(scores_ptr + row * stride_s + idx, mask=take, other=0.0).to(tl.float32)
         tl.atomic_add(df_ptr + idx[:, None] * D + d[None, :], s[:, None] * dnum[None, :],
                       mask=take[:, None] & dmask[None, :])
@@ -189,7 +196,7 @@ def select_topk(scores: torch.Tensor, keep: int, width: int | None = None) -> to
 
 def key_index(keys: torch.Tensor) -> torch.Tensor:
     """Host-side twin of `_key_index` (for tests and debugging)."""
-    return keys & 0xFFFFFFFF
+    return LARGEST_INDEX - (keys & 0xFFFFFFFF)
 
 
 class TopkProtoFunction(torch.autograd.Function):

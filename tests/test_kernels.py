@@ -210,11 +210,33 @@ def test_select_topk_multi_pass_matches_torch_topk():
     assert torch.equal(key_index(keys), expected.indices)  # distinct scores: unique order
 
 
-def test_select_topk_ties_pick_a_valid_set():
+def test_select_topk_ties_go_to_the_lower_index():
     scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -1.0, 0.0, 3.0]])
-    idx = key_index(select_topk(scores, keep=3))
-    assert sorted(scores[0, idx[0]].tolist()) == [3.0, 3.0, 3.0]
-    assert len(set(idx[0].tolist())) == 3
+    assert key_index(select_topk(scores, keep=3)).tolist() == [[1, 2, 4]]
+
+
+def stable_order(scores, keep):
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]
+
+
+def test_select_topk_ties_follow_a_stable_sort_over_merge_passes():
+    """Few distinct values (+0.0 and -0.0 among them, which compare equal) across several merge
+    passes: the same columns, in the same order, as a stable descending sort."""
+    g = torch.Generator().manual_seed(9)
+    scores = torch.randint(-2, 3, (3, 555), generator=g).float() / 4
+    scores[1, ::3] = -0.0
+    scores[2] = 0.1  # PSC's constant background channel: every pixel ties
+    keys = select_topk(scores, keep=16, width=32)
+    assert torch.equal(key_index(keys), stable_order(scores, 16))
+
+
+def test_topk_proto_ties_pick_the_reference_pixels():
+    """Ties straddling the cut: the kernel must choose the same pixels as the reference (an
+    arbitrary tied pixel would give a different prototype)."""
+    scores, feats = topk_inputs(3, 300, 16, seed=4)
+    scores = (scores * 4).round() / 4
+    scores[2] = 0.1
+    check_topk(scores, feats, 16, 40)
 
 
 def test_topk_proto_rejects_oversized_k():

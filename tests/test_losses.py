@@ -63,14 +63,22 @@ def official_rsc(fm1, fm2, y1, y2, bank1, bank2):
     return 0.1 * (intra + cross + fore + back)
 
 
+def official_topk(x, k):
+    """The official `torch.topk(x, k, dim=-1)`, whose order among tied scores is unspecified (and
+    the official ReLU-normalised CAMs tie at 0 and at the constant background), with our fixed
+    tie rule: the lower pixel index first (a stable descending sort)."""
+    out = torch.sort(x, dim=-1, descending=True, stable=True)
+    return out.values[:, :k], out.indices[:, :k]
+
+
 def official_csc(fm1, cam1, fm2, cam2, label20, bank1, bank2, k=128, k_upd=16, tau=0.1):
     lab = torch.cat([label20, torch.ones(label20.shape[0], 1)], 1)[:, :, None, None]
     soft1 = F.softmax(cam1 * lab, 1)[:, :20]
     soft2 = F.softmax(cam2 * lab, 1)[:, :20]
     fea1 = fm1.permute(0, 2, 3, 1).reshape(-1, fm1.shape[1])
     fea2 = fm2.permute(0, 2, 3, 1).reshape(-1, fm2.shape[1])
-    v1, i1 = torch.topk(soft1.transpose(0, 1).reshape(20, -1), k=k, dim=-1)
-    v2, i2 = torch.topk(soft2.transpose(0, 1).reshape(20, -1), k=k, dim=-1)
+    v1, i1 = official_topk(soft1.transpose(0, 1).reshape(20, -1), k)
+    v2, i2 = official_topk(soft2.transpose(0, 1).reshape(20, -1), k)
     classes = sorted({int(c) for c in torch.nonzero(label20)[:, 1]})
 
     def ce(anchor, bank, c):
@@ -97,7 +105,7 @@ def _upd(v, idx, fea, c, n):
 def official_psc(cam1, fm1, cam2, fm2, y1, y2, bank1, bank2, k=16, tau=0.1):
     def protos(cam, fm):
         fea = fm.detach().permute(0, 2, 3, 1).reshape(-1, fm.shape[1])
-        v, idx = torch.topk(cam.transpose(0, 1).reshape(21, -1), k=k, dim=-1)
+        v, idx = official_topk(cam.transpose(0, 1).reshape(21, -1), k)
         p = torch.stack([(v[i][:, None] * fea[idx[i]]).sum(0) / v[i].sum() for i in range(21)])
         return p / p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
@@ -248,8 +256,17 @@ def test_psc_matches_official_over_steps():
         torch.testing.assert_close(b2, o2, **TOL)
         loss.backward()
         want.backward()
-        torch.testing.assert_close(s["fp1"].grad, r1.grad, **TOL)
-        torch.testing.assert_close(s["fp2"].grad, r2.grad, **TOL)
+        assert_psc_grad_close(s["fp1"], r1.grad)
+        assert_psc_grad_close(s["fp2"], r2.grad)
+
+
+def assert_psc_grad_close(feats, want):
+    """At an all-zero pixel embedding (ReLU'd features: ~1 pixel in 256 here) both forms divide
+    dL/de by the 1e-12 normalisation eps, so float32 round-off in dL/de comes out ~1e9 times
+    larger: compare those pixels to a relative 1e-3, all others to TOL."""
+    dead = (feats.detach().norm(dim=1, keepdim=True) == 0).expand_as(feats)
+    torch.testing.assert_close(feats.grad[~dead], want[~dead], **TOL)
+    torch.testing.assert_close(feats.grad[dead], want[dead], rtol=1e-3, atol=0.0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -136,6 +136,31 @@ def test_topk_proto_grad_flows_to_feats_only():
     torch.testing.assert_close(feats.grad, ref.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("k", [1, 5, 16, 40])
+def test_stable_topk_is_the_head_of_a_stable_descending_sort(k):
+    g = _gen(7)
+    scores = torch.randint(0, 4, (4, 40), generator=g).float()  # heavy ties everywhere
+    scores[1] = 0.1                                             # one all-tied row (PSC background)
+    scores[2] = torch.rand(40, generator=g)                     # and one without ties
+    values, index = ops.stable_topk(scores, k)
+    want = torch.sort(scores, dim=1, descending=True, stable=True)
+    assert torch.equal(index, want.indices[:, :k])
+    assert torch.equal(values, want.values[:, :k])
+
+
+@pytest.mark.parametrize("k,k_denom", [(3, None), (2, 7), (7, 3)])
+def test_topk_proto_ties_go_to_the_lower_pixel_index(k, k_denom):
+    """Tied scores straddling the cut: the lowest-index tied pixels win (the loops' stable
+    `sorted`), so a batch split over ranks can reproduce the selection exactly."""
+    g = _gen(8)
+    scores = torch.randint(0, 3, (5, 20), generator=g).float() / 2
+    scores[4] = 0.1
+    feats = torch.randn(20, 6, generator=g)
+    out = ops.topk_proto(scores, feats, k, k_denom=k_denom, impl="torch")
+    want = _topk_proto_loops(scores, feats, k, k_denom, True)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- psc_terms
 def _nce_loops(e, protos, y, tau):
     total = 0.0

@@ -44,8 +44,10 @@ SPLIT = (3, 1)       # unequal per-rank batches on purpose
 HW, D_RSC, D_PSC = 8, 16, 8
 
 
-def _step_inputs(step):
-    """Full-batch inputs of one step; each rank takes its slice."""
+def _step_inputs(step, ties):
+    """Full-batch inputs of one step; each rank takes its slice. `ties`: CAMs quantised to a few
+    levels and PSC's official constant background channel, so tied scores straddle every top-k
+    cut (the global pixel index must break them as one process does)."""
     g = torch.Generator().manual_seed(100 + step)
     n = sum(SPLIT)
     label = torch.zeros(n, 20)
@@ -54,7 +56,10 @@ def _step_inputs(step):
     cams = []
     for _ in range(2):
         cam = normalize_cam(torch.randn(n, 21, HW, HW, generator=g) * 3)
-        cam[:, 20] = 0.05 + 0.1 * torch.rand(n, HW, HW, generator=g)  # no all-tie bg top-k
+        cam[:, 20] = 0.05 + 0.1 * torch.rand(n, HW, HW, generator=g)
+        if ties:
+            cam = (cam * 4).round() / 4
+            cam[:, 20] = 0.1
         cams.append(cam)
     ys = [pseudo_labels(c, label) for c in cams]
     base = {k: torch.randn(n, d, HW, HW, generator=g) for k, d in
@@ -86,10 +91,11 @@ def _worker(rank, world, port):
         banks0 = {"rsc1": torch.randn(2, D_RSC, generator=g), "rsc2": torch.randn(2, D_RSC, generator=g),
                   "csc1": torch.randn(21, D_RSC, generator=g), "csc2": torch.randn(21, D_RSC, generator=g),
                   "psc1": torch.randn(21, D_PSC, generator=g), "psc2": torch.randn(21, D_PSC, generator=g)}
-        banks_dist, banks_single = dict(banks0), dict(banks0)
         lo, hi = sum(SPLIT[:rank]), sum(SPLIT[: rank + 1])
-        for step in range(2):
-            label, cams, ys, base = _step_inputs(step)
+        for step, ties in ((0, False), (1, False), (0, True), (1, True)):
+            if step == 0:
+                banks_dist, banks_single = dict(banks0), dict(banks0)
+            label, cams, ys, base = _step_inputs(step, ties)
             scale_single = {k: torch.linspace(0.5, 1.5, v.shape[1]).reshape(-1, 1, 1).requires_grad_(True)
                             for k, v in base.items()}
             scale_dist = {k: v.detach().clone().requires_grad_(True) for k, v in scale_single.items()}

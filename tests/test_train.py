@@ -175,3 +175,49 @@ def test_gradient_accumulation_consumes_gas_batches_per_step(synth, tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["deepspeed_config"]["train_batch_size"] == 2 * 2 * 1
     assert len(rows(run)) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Heartbeat namespaces: a stage that ended cleanly must not blind the next stage's monitor
+# ------------------------------------------------------------------------------------------------
+def _stage(store, namespace, ranks, lost, timeout_s=0.4):
+    """Heartbeats of `ranks` (of 2) on a shared store; losses are recorded in lost[rank]."""
+    from hsc_fast.distributed import Heartbeat
+    return [Heartbeat(r, 2, timeout_s, interval_s=0.05, store=store, namespace=namespace,
+                      on_lost=lambda msg, r=r: lost.setdefault(r, msg)).start() for r in ranks]
+
+
+def _finish_cleanly(store, namespace):
+    import time
+    lost = {}
+    beats = _stage(store, namespace, (0, 1), lost)
+    time.sleep(0.2)
+    for hb in beats:
+        hb.stop(finished=True)
+    assert lost == {}
+
+
+def _watch_silent_peer(store, namespace, seconds=1.2):
+    """Rank 0 alone in `namespace`: rank 1 never beats. Returns what rank 0 reported."""
+    import time
+    lost = {}
+    (hb0,) = _stage(store, namespace, (0,), lost)
+    time.sleep(seconds)
+    hb0.stop(finished=False)
+    return lost
+
+
+def test_heartbeat_of_a_new_stage_detects_a_silent_peer_after_a_finished_stage():
+    from torch.distributed import HashStore
+    from hsc_fast.distributed import stage_namespace
+    store = HashStore()
+    _finish_cleanly(store, "train_cam")
+    lost = _watch_silent_peer(store, "deeplab")
+    assert list(lost) == [0] and "rank 1 lost" in lost[0]
+    # what the namespaces prevent: in the finished stage's keys, rank 1 counts as done
+    assert _watch_silent_peer(store, "train_cam") == {}
+    # un-namespaced keys as before; stage_namespace numbers repeated runs of a stage
+    from hsc_fast.distributed import Heartbeat
+    assert Heartbeat(0, 2, 1.0, store=store)._done_key(1) == "hsc_fast/done/1"
+    first, second = stage_namespace("probe"), stage_namespace("probe")
+    assert first != second and first.startswith("probe")
