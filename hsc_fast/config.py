@@ -374,3 +374,15 @@ def describe(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]
             rows.append((prefix + f.name, getattr(tp, "__name__", str(tp)),
                          getattr(defaults, f.name), f.metadata.get("help", "")))
     return rows
+
+
+def markdown_reference() -> str:
+    """The README's config reference table (regenerate with `python -m hsc_fast.config`)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, help_ in describe():
+        lines.append(f"| `{key}` | {tp} | `{default!r}` | {help_.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())

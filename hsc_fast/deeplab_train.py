@@ -25,9 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -38,11 +37,11 @@ import torch.nn.functional as F
 from . import IGNORE_INDEX
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import OptimConfig, RunConfig, to_dict
-from .engine import RankLostError, build_ds_config, optimizer_is_partitioned, seed_everything, set_determinism
+from .config import OptimConfig, RunConfig
+from .engine import (EpochStream, StepLoop, build_ds_config, parse_stage_args, stage_exit_status,
+                     training_session)
 from .errors import ConfigError, DataError, TrainingError, WeightsError
-from .optim import PolySchedule, build_optimizer
-from .runlog import RunLog, environment_info
+from .runlog import RunLog
 from .segmentation import (SegTrainSet, epoch_batches, missing_labels, open_image_reader, predict_probs)
 
 PRED_DIR, PRED_CRF_DIR = "pred", "pred_crf"
@@ -91,8 +90,9 @@ def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 # ------------------------------------------------------------------------------------ data
-class BatchStream:
+class BatchStream(EpochStream):
     """Endless batches of this rank with a resumable position (epoch, batches consumed)."""
+    empty_message = "the DeepLab training loader yields no batches"
 
     def __init__(self, dataset: SegTrainSet, batch_size: int, rank: int, world_size: int, seed: int,
                  workers: int = 0, pin_memory: bool = False, epoch: int = 0, batches_in_epoch: int = 0):
@@ -111,17 +111,6 @@ class BatchStream:
                                              pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0))
         self._it = iter(loader)
         self.batches_in_epoch = skip
-
-    def next(self) -> dict:
-        for _ in range(2):
-            try:
-                batch = next(self._it)
-                self.batches_in_epoch += 1
-                return batch
-            except StopIteration:
-                self.epoch += 1
-                self._start_epoch()
-        raise TrainingError("the DeepLab training loader yields no batches")
 
 
 def build_train_set(cfg: RunConfig, images: str, labels_dir: str, train_ids: Sequence[str]) -> SegTrainSet:
@@ -154,41 +143,23 @@ class DeeplabState:
     nonfinite_in_a_row: int = 0
 
 
-class DeeplabTrainer:
+class DeeplabTrainer(StepLoop):
     """DeepLab + SGD + poly schedule in a DeepSpeed engine; steps, checkpoints, metrics."""
 
     def __init__(self, cfg: RunConfig, run_dir, info: D.DistInfo, dataset: Optional[SegTrainSet],
                  ds_config: Optional[dict] = None, log: Optional[RunLog] = None):
-        import deepspeed
         from .models.deeplab import build_deeplab
 
         check_deeplab_config(cfg)
-        self.cfg, self.info, self.log = cfg, info, log
-        self.run_dir = Path(run_dir)
-        self.device = info.device
         self.dataset = dataset
-        self.ds_config = ds_config if ds_config is not None else deeplab_ds_config(cfg, info.world_size)
-        self.gas = int(self.ds_config["gradient_accumulation_steps"])
-        set_determinism(cfg.train.deterministic)
-        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        self._setup(cfg, run_dir, info, ds_config if ds_config is not None else deeplab_ds_config(cfg, info.world_size),
+                    log)
         model = build_deeplab(cfg.deeplab)  # WeightsError when the ImageNet file is absent
         model.to(self.device).train()       # train() freezes the backbone BatchNorm first
-        self.optimizer = build_optimizer(model, deeplab_optim_config(cfg))
-        self.schedule = PolySchedule(self.optimizer, cfg.deeplab.poly_power, cfg.deeplab.max_steps)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, lr_scheduler=self.schedule,
-                                                    config=self.ds_config, dist_init_required=False)
-        self.engine_bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
+        self._wrap_engine(model, deeplab_optim_config(cfg))
         self.autocast = bool(cfg.train.bf16_autocast and self.device.type == "cuda" and not self.engine_bf16)
         self.state = DeeplabState()
-        seed_everything(cfg.train.seed + 1000 * info.rank + 1)  # rank-specific streams (v3 dropout)
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.engine.module
-
-    def _info(self, msg: str, *args) -> None:
-        if self.log is not None:
-            self.log.info(msg, *args)
+        self._seed_rank_streams()  # v3 dropout
 
     # -- one optimiser step ----------------------------------------------------------------------
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,123 +192,47 @@ class DeeplabTrainer:
             self.engine.step()
         return {"loss": total / len(micro_batches), "nonfinite": nonfinite, "images": images, "lr": lr}
 
-    # -- checkpoints -------------------------------------------------------------------------------
-    def save(self) -> Path:
-        partitioned = optimizer_is_partitioned(self.ds_config)
-        per_rank = {"rng": ckpt.capture_rng(),
-                    "data": {"epoch": self.state.epoch, "batches_in_epoch": self.state.batches_in_epoch}}
-        if partitioned:
-            state = dict(self.engine.optimizer.state_dict())
-            if "loss_scaler" in state:  # a LossScaler object; a marker keeps the file weights_only-safe
-                state["loss_scaler"] = "static"
-            per_rank["optimizer"] = state
-        shared = None
-        if self.info.is_main:
-            shared = {"model": self.module.state_dict(), "schedule": self.schedule.state_dict(),
-                      "state": asdict(self.state), "config": to_dict(self.cfg), "world_size": self.info.world_size,
-                      "optimizer_partitioned": partitioned, "kind": "deeplab"}
-            if not partitioned:
-                shared["optimizer"] = self.optimizer.state_dict()
-        return ckpt.save_checkpoint(self.run_dir, self.state.step, self.info.rank, self.info.world_size,
-                                    per_rank, shared, self.cfg.train.keep_last, barrier=D.barrier)
+    # -- checkpoints (StepLoop.save / load) -------------------------------------------------------
+    def _checkpoint_extra(self) -> dict:
+        return {"kind": "deeplab"}
 
-    def load(self, ckpt_dir: Path) -> dict:
-        """Restore model, optimizer, schedule, counters, data position; returns this rank's file
-        (its RNG states are applied by the caller once the data stream exists)."""
-        shared = ckpt.load_shared(ckpt_dir)
-        mine = ckpt.load_rank(ckpt_dir, self.info.rank, self.info.world_size)
+    def _restore_extra(self, shared: dict, ckpt_dir: Path) -> None:
         if shared.get("kind") != "deeplab":
             raise WeightsError(f"checkpoint {ckpt_dir}: not a DeepLab checkpoint (a CAM run's?)")
-        self.module.load_state_dict(shared["model"])
-        if shared.get("optimizer_partitioned"):
-            if "optimizer" not in mine:
-                raise WeightsError(f"checkpoint {ckpt_dir}: rank{self.info.rank}.pt has no optimizer partition")
-            state = dict(mine["optimizer"])
-            if "loss_scaler" in state:
-                state["loss_scaler"] = self.engine.optimizer.loss_scaler
-            self.engine.optimizer.load_state_dict(state)
-        else:
-            self.optimizer.load_state_dict(shared["optimizer"])
-        self.schedule.load_state_dict(shared["schedule"])
-        self.state = DeeplabState(**shared["state"])
-        self.state.epoch = int(mine["data"]["epoch"])
-        self.state.batches_in_epoch = int(mine["data"]["batches_in_epoch"])
-        return mine
 
-    # -- the loop ------------------------------------------------------------------------------------
+    # -- the loop (StepLoop.fit) ---------------------------------------------------------------------
     def fit(self, max_steps: int, save_every: int, resume_from: Optional[Path] = None,
             heartbeat: Optional[D.Heartbeat] = None) -> dict:
         if self.dataset is None:
             raise TrainingError("DeeplabTrainer.fit: no training dataset")
-        rng_state = None
-        if resume_from is not None:
-            rng_state = self.load(resume_from)["rng"]
-            self._info("resumed from %s at step %d", resume_from, self.state.step)
-        stream = BatchStream(self.dataset, self.cfg.deeplab.batch_size, self.info.rank, self.info.world_size,
-                             self.cfg.train.seed, self.cfg.data.workers, self.device.type == "cuda",
-                             self.state.epoch, self.state.batches_in_epoch)
-        if rng_state is not None:
-            ckpt.restore_rng(rng_state)
-        last_save = self.state.step if resume_from is not None else -1
-        while self.state.step < max_steps:
-            t0 = time.perf_counter()
-            micro = [stream.next() for _ in range(self.gas)]
-            result = self._guarded(lambda: self.train_step(micro), heartbeat)
-            self.state.step += 1
-            self.state.epoch, self.state.batches_in_epoch = stream.epoch, stream.batches_in_epoch
-            self._record(result, time.perf_counter() - t0, heartbeat)
-            if result["nonfinite"] and self.state.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
-                path = self._guarded(self.save, heartbeat)
-                raise TrainingError(
-                    f"DeepLab loss was non-finite for {self.state.nonfinite_in_a_row} steps in a row (up to step "
-                    f"{self.state.step}); train.max_nonfinite={self.cfg.train.max_nonfinite}. The weights of the "
-                    f"last finite step are saved in {path}")
-            if self.state.step % save_every == 0 or self.state.step == max_steps:
-                self._guarded(self.save, heartbeat)
-                last_save = self.state.step
-        if last_save != self.state.step:
-            self._guarded(self.save, heartbeat)
-        final = ckpt.save_final_model(self.run_dir, self.module.state_dict()) if self.info.is_main else None
+        return super().fit(max_steps, save_every, resume_from, heartbeat)
+
+    def make_stream(self) -> BatchStream:
+        return BatchStream(self.dataset, self.cfg.deeplab.batch_size, self.info.rank, self.info.world_size,
+                           self.cfg.train.seed, self.cfg.data.workers, self.device.type == "cuda",
+                           self.state.epoch, self.state.batches_in_epoch)
+
+    def _nonfinite_message(self, result: dict, path: Path) -> str:
+        return (f"DeepLab loss was non-finite for {self.state.nonfinite_in_a_row} steps in a row (up to step "
+                f"{self.state.step}); train.max_nonfinite={self.cfg.train.max_nonfinite}. The weights of the "
+                f"last finite step are saved in {path}")
+
+    def _finish(self) -> dict:
+        final = self.save_final()
         D.barrier()
         return {"step": self.state.step, "nonfinite_total": self.state.nonfinite_total,
                 "final_model": str(final) if final else str(self.run_dir / "final" / "model.pt")}
 
-    def _record(self, result: dict, seconds: float, heartbeat) -> None:
+    def _record(self, result: dict, stream: BatchStream, seconds: float, heartbeat) -> None:
         st = self.state
-        if result["nonfinite"]:
-            st.nonfinite_total += 1
-            st.nonfinite_in_a_row += 1
-            if self.log is not None:
-                self.log.warning("step %d: non-finite DeepLab loss; step skipped (%d in a row)",
-                                 st.step, st.nonfinite_in_a_row)
-        else:
-            st.nonfinite_in_a_row = 0
+        self._count_nonfinite(result["nonfinite"], "DeepLab loss")
         world = self.info.world_size
         glob = self._guarded(lambda: D.all_reduce_mean(
             {"loss": result["loss"], "_images": float(result["images"]) * world}, self.device), heartbeat)
         if self.log is None:
             return
-        row = {"step": st.step, "epoch": st.epoch, "lr": result["lr"], "loss": glob["loss"],
-               "images_per_s": glob["_images"] / max(seconds, 1e-9), "skipped_samples": 0,
-               "nonfinite_steps": st.nonfinite_total, "nonfinite_in_a_row": st.nonfinite_in_a_row,
-               "time_s": seconds}
-        self.log.step(row)
-        if st.step % max(self.cfg.train.log_every, 1) == 0:
-            self.log.info("step %d loss %.6g lr %.3g %.1f img/s", st.step, row["loss"], row["lr"],
-                          row["images_per_s"])
-
-    def _guarded(self, fn: Callable, heartbeat: Optional[D.Heartbeat]):
-        """A collective-bearing call; a failure caused by a dead peer becomes RankLostError."""
-        try:
-            return fn()
-        except TrainingError:
-            raise
-        except Exception as e:
-            lost = heartbeat.lost_ranks() if heartbeat is not None and self.info.world_size > 1 else []
-            if not lost:
-                raise
-            raise RankLostError(f"rank {', '.join(map(str, lost))} lost (collective failed on rank "
-                                f"{self.info.rank}: {type(e).__name__}: {str(e)[:200]})") from e
+        row = {"step": st.step, "epoch": st.epoch, "lr": result["lr"], "loss": glob["loss"]}
+        self._log_step(row, glob["_images"], 0, seconds)
 
 
 # ------------------------------------------------------------------------------- public API
@@ -349,44 +244,13 @@ def train_deeplab(cfg: RunConfig, run_dir, *, images: str, labels_dir: str, trai
     Returns {"step", "nonfinite_total", "final_model"}."""
     check_deeplab_config(cfg)
     run_dir = Path(run_dir)
-    info = D.init_distributed(cfg.train.dist_timeout_s, local_rank_arg=local_rank)
-    heartbeat = log = None
-    try:
-        ds_cfg = deeplab_ds_config(cfg, info.world_size, ds_config_path)
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        D.barrier()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resume_from = ckpt.resolve_resume(resume, run_dir)
-        start_step = ckpt.step_of(resume_from) if resume_from is not None else 0
-        log = RunLog(run_dir, info.rank, info.world_size, cfg.deeplab.max_steps, start_step=start_step,
-                     tensorboard=cfg.train.tensorboard, progress=progress)
-        log.write_config(cfg)
-        env = environment_info(info.world_size, info.device, info.launched_by)
-        env.update(deepspeed_config=ds_cfg, stage="deeplab", images=str(images), labels_dir=str(labels_dir),
-                   n_train_ids=len(train_ids))
-        log.write_env(env)
-        log.info("DeepLab rank %d/%d on %s (%s, launched by %s)", info.rank, info.world_size, info.device,
-                 info.backend, info.launched_by)
+    env = dict(stage="deeplab", images=str(images), labels_dir=str(labels_dir), n_train_ids=len(train_ids))
+    with training_session(cfg, run_dir, stage="deeplab", resume=resume, max_steps=cfg.deeplab.max_steps,
+                          ds_config=lambda world: deeplab_ds_config(cfg, world, ds_config_path),
+                          local_rank=local_rank, progress=progress, env=env, title="DeepLab ") as session:
         dataset = build_train_set(cfg, images, labels_dir, train_ids)
-        heartbeat = D.Heartbeat(info.rank, info.world_size, cfg.train.dist_timeout_s,
-                                namespace=D.stage_namespace("deeplab")).start()
-        trainer = DeeplabTrainer(cfg, run_dir, info, dataset, ds_cfg, log)
-        summary = trainer.fit(cfg.deeplab.max_steps, cfg.deeplab.save_every, resume_from, heartbeat)
-        log.info("finished: %s", summary)
-        heartbeat.stop(finished=True)
-        D.barrier()
-        return summary
-    except Exception as e:
-        if log is not None:
-            log.error("DeepLab training failed: %s: %s", type(e).__name__, e)
-        raise
-    finally:
-        if heartbeat is not None:
-            heartbeat.stop(finished=False)
-        if log is not None:
-            log.close()
-        D.shutdown(info)
+        return session.run(lambda s: DeeplabTrainer(cfg, run_dir, s.info, dataset, s.ds_config, s.log),
+                           cfg.deeplab.save_every)
 
 
 def resolve_model_file(run_dir, checkpoint: Optional[str]) -> tuple[Path, str]:
@@ -606,17 +470,11 @@ def _default_gt(images: str) -> str:
 
 
 def main(argv: Optional[list] = None) -> int:
-    import sys
-    from .config import describe
     from .errors import HscError
     parser = build_arg_parser()
-    args = parser.parse_args(argv)
-    if args.list_keys:
-        for key, tp, default, help_ in describe():
-            print(f"{key:32s} {tp:6s} {default!r:28s} {help_}")
+    args = parse_stage_args(parser, argv)
+    if args is None:
         return 0
-    if not args.run_dir:
-        parser.error("--run-dir is required")
     if args.eval_only and args.no_eval:
         parser.error("--eval-only and --no-eval exclude each other")
     try:
@@ -631,12 +489,8 @@ def main(argv: Optional[list] = None) -> int:
         gt_dir = "" if args.no_eval else (args.gt or _default_gt(images))
         crf = cfg.deeplab.test_crf if args.crf is None else args.crf
         deeplab_ds_config(cfg, 1)  # a bad DeepSpeed JSON fails before any process group work
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     except HscError as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return stage_exit_status(e, "error", 2)
     info = None
     summary: dict = {}
     try:
@@ -650,15 +504,8 @@ def main(argv: Optional[list] = None) -> int:
             summary["miou"] = res["plain"]["miou"]
             if res["crf"] is not None:
                 summary["miou_crf"] = res["crf"]["miou"]
-    except RankLostError as e:
-        print(f"[rank {D.get_rank()}] {e}", file=sys.stderr, flush=True)
-        os._exit(D.EXIT_RANK_LOST)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     except HscError as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return stage_exit_status(e, "error", 1)
     finally:
         D.shutdown(info)
     if info.rank == 0:

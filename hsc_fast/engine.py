@@ -31,17 +31,17 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import RunConfig, to_dict
+from .config import OptimConfig, RunConfig, to_dict
 from .errors import ConfigError, TrainingError, WeightsError
 from .optim import PolySchedule, build_optimizer
 from .runlog import RunLog, environment_info
@@ -246,13 +246,33 @@ class StepResult:
     lr: float = 0.0                 # learning rate of the first group used by this step
 
 
-class DataStream:
+class EpochStream:
+    """Endless batches with a resumable position (epoch, batches of it consumed): a subclass's
+    `_start_epoch(skip_batches)` sets `_it` to the rest of epoch `self.epoch` and
+    `batches_in_epoch`; when an epoch runs out the next one starts."""
+    empty_message = "the training loader yields no batches"
+
+    def next(self) -> dict:
+        for _ in range(2):
+            try:
+                batch = next(self._it)
+                self.batches_in_epoch += 1
+                return batch
+            except StopIteration:
+                self.epoch += 1
+                self._start_epoch()
+        raise TrainingError(self.empty_message)
+
+
+class DataStream(EpochStream):
     """Endless batches from a `TrainLoader` with a resumable position (epoch, batches consumed).
 
     Each epoch is one pass of the loader after `set_epoch(epoch, skip_batches)`; the loader
     re-creates an epoch's stream exactly from (seed, epoch, rank), so resuming mid-epoch skips
     the consumed batches without decoding them.
     """
+
+    empty_message = "the training loader yields no batches (empty dataset or every sample skipped)"
 
     def __init__(self, loader, epoch: int = 0, batches_in_epoch: int = 0):
         self.loader = loader
@@ -264,17 +284,6 @@ class DataStream:
         self._it: Iterator = iter(self.loader)
         self.batches_in_epoch = skip_batches
 
-    def next(self) -> dict:
-        for _ in range(2):
-            try:
-                batch = next(self._it)
-                self.batches_in_epoch += 1
-                return batch
-            except StopIteration:
-                self.epoch += 1
-                self._start_epoch()
-        raise TrainingError("the training loader yields no batches (empty dataset or every sample skipped)")
-
     def skipped(self) -> int:
         """Corrupt samples the loader skipped so far on this rank."""
         counter = getattr(self.loader, "skip_counter", None)
@@ -282,26 +291,217 @@ class DataStream:
 
 
 # ----------------------------------------------------------------------------------------------
-# The trainer
+# What the CAM and DeepLab trainers share
 # ----------------------------------------------------------------------------------------------
-class Trainer:
+class StepLoop:
+    """The DeepSpeed trainer skeleton shared by CAM training (`Trainer`) and DeepLab
+    (`deeplab_train.DeeplabTrainer`): engine construction, the resumable step loop with its
+    checkpoint cadence and non-finite limit, checkpoints (incl. ZeRO / bf16 optimizer partitions)
+    and turning a dead peer's failed collective into RankLostError.
+
+    A subclass calls `_setup` and `_wrap_engine`, sets `state` (step, epoch, batches_in_epoch,
+    nonfinite_total, nonfinite_in_a_row) and implements `make_stream` (an object with next(),
+    epoch, batches_in_epoch), `train_step`, `_record`, `_nonfinite_message` and `_finish`;
+    `_checkpoint_extra` / `_restore_extra` add its own entries to the shared checkpoint file.
+    """
+
+    def _setup(self, cfg: RunConfig, run_dir, info: D.DistInfo, ds_config: dict, log: Optional[RunLog]) -> None:
+        self.cfg, self.info, self.log = cfg, info, log
+        self.run_dir = Path(run_dir)
+        self.device = info.device
+        self.ds_config = ds_config
+        self.gas = int(ds_config["gradient_accumulation_steps"])
+        set_determinism(cfg.train.deterministic)
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+
+    def _wrap_engine(self, model: torch.nn.Module, optim_cfg: OptimConfig) -> None:
+        """SGD + poly schedule (ours, not DeepSpeed's) inside a DeepSpeed engine."""
+        import deepspeed
+        self.optimizer = build_optimizer(model, optim_cfg)
+        self.schedule = PolySchedule(self.optimizer, optim_cfg.poly_power, optim_cfg.poly_steps)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
+                                                    lr_scheduler=self.schedule, config=self.ds_config,
+                                                    dist_init_required=False)
+        self.engine_bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
+
+    def _seed_rank_streams(self) -> None:
+        """Rank-specific RNG streams from here on (dropout, CRF and data may draw)."""
+        seed_everything(self.cfg.train.seed + 1000 * self.info.rank + 1)
+
+    def _log_info(self, msg: str, *args) -> None:
+        if self.log is not None:
+            self.log.info(msg, *args)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    # -- subclass hooks ------------------------------------------------------------------------------
+    def make_stream(self):
+        raise NotImplementedError
+
+    def train_step(self, micro_batches: list[dict]):
+        raise NotImplementedError
+
+    def _record(self, result, stream, seconds: float, heartbeat) -> None:
+        """Update the non-finite counters of `state` from `result`; log the step."""
+        raise NotImplementedError
+
+    def _nonfinite_message(self, result, path: Path) -> str:
+        raise NotImplementedError
+
+    def _finish(self) -> dict:
+        """After the last checkpoint: the final model; returns the summary."""
+        raise NotImplementedError
+
+    def _checkpoint_extra(self) -> dict:
+        return {}
+
+    def _restore_extra(self, shared: dict, ckpt_dir: Path) -> None:
+        pass
+
+    def _count_nonfinite(self, nonfinite: bool, what: str) -> None:
+        """Counters (and a warning) of a step that every rank skipped, or a finite one."""
+        st = self.state
+        if not nonfinite:
+            st.nonfinite_in_a_row = 0
+            return
+        st.nonfinite_total += 1
+        st.nonfinite_in_a_row += 1
+        if self.log is not None:
+            self.log.warning("step %d: non-finite %s; step skipped (%d in a row)", st.step, what, st.nonfinite_in_a_row)
+
+    def _log_step(self, row: dict, images: float, skipped_samples: int, seconds: float) -> None:
+        """metrics.csv row (+ the periodic log line) of the step just done; `row` starts with
+        step, epoch, lr, loss (and loss terms); `images` over all ranks."""
+        st = self.state
+        row = {**row, "images_per_s": images / max(seconds, 1e-9), "skipped_samples": skipped_samples,
+               "nonfinite_steps": st.nonfinite_total, "nonfinite_in_a_row": st.nonfinite_in_a_row,
+               "time_s": seconds}
+        self.log.step(row)
+        if st.step % max(self.cfg.train.log_every, 1) == 0:
+            self.log.info("step %d loss %.6g lr %.3g %.1f img/s", st.step, row["loss"], row["lr"], row["images_per_s"])
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def fit(self, max_steps: int, save_every: int, resume_from: Optional[Path] = None,
+            heartbeat: Optional[D.Heartbeat] = None) -> dict:
+        rng_state = None
+        if resume_from is not None:
+            rng_state = self.load(resume_from)["rng"]
+            self._log_info("resumed from %s at step %d", resume_from, self.state.step)
+        stream = self.make_stream()
+        if rng_state is not None:
+            ckpt.restore_rng(rng_state)  # after the data fast-forward, which may draw numbers
+        last_save = self.state.step if resume_from is not None else -1
+        while self.state.step < max_steps:
+            t0 = time.perf_counter()
+            micro = [stream.next() for _ in range(self.gas)]
+            result = self._guarded(lambda: self.train_step(micro), heartbeat)
+            self.state.step += 1
+            self.state.epoch, self.state.batches_in_epoch = stream.epoch, stream.batches_in_epoch
+            self._record(result, stream, time.perf_counter() - t0, heartbeat)
+            # nonfinite_in_a_row > 0 only right after a skipped step (max_nonfinite is positive)
+            if self.state.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
+                path = self._guarded(self.save, heartbeat)
+                raise TrainingError(self._nonfinite_message(result, path))
+            if self.state.step % save_every == 0 or self.state.step == max_steps:
+                self._guarded(self.save, heartbeat)
+                last_save = self.state.step
+        if last_save != self.state.step:
+            self._guarded(self.save, heartbeat)
+        return self._finish()
+
+    def _guarded(self, fn: Callable, heartbeat: Optional[D.Heartbeat]):
+        """Run a collective-bearing call; a failure caused by a dead peer becomes RankLostError."""
+        try:
+            return fn()
+        except TrainingError:
+            raise
+        except Exception as e:
+            lost = heartbeat.lost_ranks() if heartbeat is not None and self.info.world_size > 1 else []
+            if not lost:
+                raise
+            raise RankLostError(f"rank {', '.join(map(str, lost))} lost (collective failed on rank "
+                                f"{self.info.rank}: {type(e).__name__}: {str(e)[:200]})") from e
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self) -> Path:
+        partitioned = optimizer_is_partitioned(self.ds_config)
+        per_rank = {"rng": ckpt.capture_rng(), "data": {"epoch": self.state.epoch,
+                                                        "batches_in_epoch": self.state.batches_in_epoch}}
+        if partitioned:
+            per_rank["optimizer"] = self._partitioned_optimizer_state()
+        shared = None
+        if self.info.is_main:
+            shared = {"model": self.module.state_dict(), "schedule": self.schedule.state_dict(),
+                      "state": asdict(self.state), "config": to_dict(self.cfg), "world_size": self.info.world_size,
+                      "optimizer_partitioned": partitioned, **self._checkpoint_extra()}
+            if not partitioned:
+                shared["optimizer"] = self.optimizer.state_dict()
+        return ckpt.save_checkpoint(self.run_dir, self.state.step, self.info.rank, self.info.world_size,
+                                    per_rank, shared, self.cfg.train.keep_last, barrier=D.barrier)
+
+    def load(self, ckpt_dir: Path) -> dict:
+        """Restore model, optimizer, schedule, counters, data position; returns this rank's file
+        (its RNG states are applied by the caller once the data stream exists)."""
+        shared = ckpt.load_shared(ckpt_dir)
+        mine = ckpt.load_rank(ckpt_dir, self.info.rank, self.info.world_size)
+        self._restore_extra(shared, ckpt_dir)
+        self.module.load_state_dict(shared["model"])
+        if shared.get("optimizer_partitioned"):
+            if "optimizer" not in mine:
+                raise WeightsError(f"checkpoint {ckpt_dir}: rank{self.info.rank}.pt has no optimizer partition")
+            self._load_partitioned_optimizer_state(mine["optimizer"])
+        else:
+            self.optimizer.load_state_dict(shared["optimizer"])
+        self.schedule.load_state_dict(shared["schedule"])
+        self.state = type(self.state)(**shared["state"])
+        self.state.epoch = int(mine["data"]["epoch"])
+        self.state.batches_in_epoch = int(mine["data"]["batches_in_epoch"])
+        return mine
+
+    def _partitioned_optimizer_state(self) -> dict:
+        """The ZeRO / bf16 wrapper's state for this rank, minus its LossScaler object (a static
+        scale of 1 without fp16, which we refuse): a plain marker keeps the file weights_only-safe."""
+        state = dict(self.engine.optimizer.state_dict())
+        if "loss_scaler" in state:
+            state["loss_scaler"] = "static"
+        return state
+
+    def _load_partitioned_optimizer_state(self, state: dict) -> None:
+        """ZeRO-1/2 and bf16 wrappers take a list indexed by data-parallel rank; restoring the fp32
+        master partition from the file (not from the bf16 weights) keeps the resume exact."""
+        wrapper = self.engine.optimizer
+        state = dict(state)
+        if "loss_scaler" in state:  # stored as a marker: see _partitioned_optimizer_state
+            state["loss_scaler"] = getattr(wrapper, "loss_scaler", None)
+        if "load_from_fp32_weights" not in inspect.signature(wrapper.load_state_dict).parameters:
+            wrapper.load_state_dict(state)  # e.g. FP16_UnfusedOptimizer (bf16, ZeRO 0): one dict
+            return
+        per_rank = [None] * self.info.world_size
+        per_rank[self.info.rank] = state
+        wrapper.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
+
+    def save_final(self) -> Optional[Path]:
+        if self.info.is_main:
+            return ckpt.save_final_model(self.run_dir, self.module.state_dict())
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The CAM trainer
+# ----------------------------------------------------------------------------------------------
+class Trainer(StepLoop):
     """Builds model, optimizer, schedule, DeepSpeed engine and banks; runs and checkpoints steps."""
 
     def __init__(self, cfg: RunConfig, run_dir, info: D.DistInfo, ds_config: Optional[dict] = None,
                  log: Optional[RunLog] = None):
         from .models import build_cam_model
         from .prototypes import DistContext, PrototypeBanks
-        import deepspeed
 
         check_geometry(cfg)
-        self.cfg, self.info = cfg, info
-        self.run_dir = Path(run_dir)
-        self.device = info.device
-        self.log = log
-        self.ds_config = ds_config if ds_config is not None else build_ds_config(cfg, info.world_size)
-        self.gas = int(self.ds_config["gradient_accumulation_steps"])
-        set_determinism(cfg.train.deterministic)
-        seed_everything(cfg.train.seed)  # identical model init on every rank
+        self._setup(cfg, run_dir, info, ds_config if ds_config is not None else build_ds_config(cfg, info.world_size),
+                    log)
         model = build_cam_model(cfg.model)
         if cfg.model.weights:
             report = model.load_pretrained(cfg.model.weights)
@@ -314,12 +514,7 @@ class Trainer:
         self.channels_last = bool(cfg.model.channels_last and self.device.type == "cuda")
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(model, cfg.optim)
-        self.schedule = PolySchedule(self.optimizer, cfg.optim.poly_power, cfg.optim.poly_steps)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
-                                                    lr_scheduler=self.schedule, config=self.ds_config,
-                                                    dist_init_required=False)
-        self.engine_bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
+        self._wrap_engine(model, cfg.optim)
         if cfg.train.compile:
             self.engine.compile()
         self.banks = PrototypeBanks(seed=cfg.train.seed, rsc_dim=cfg.model.rsc_dim,
@@ -328,19 +523,11 @@ class Trainer:
         self.state = TrainState()
         self.nan_steps = nan_fault_steps(info.rank)
         self.bf16_autocast = bool(cfg.train.bf16_autocast and self.device.type == "cuda")
-        # rank-specific RNG streams from here on (dropout-free model; CRF/data may draw)
-        seed_everything(cfg.train.seed + 1000 * info.rank + 1)
         self._last_visual: Optional[tuple] = None
+        self._skipped_before = 0  # loader skips already recorded (this rank)
+        self._seed_rank_streams()
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _log_info(self, msg: str, *args) -> None:
-        if self.log is not None:
-            self.log.info(msg, *args)
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.engine.module
-
     def build_loader(self):
         from .data import build_train_loader
         return build_train_loader(self.cfg.data, self.info.rank, self.info.world_size, self.cfg.train.seed,
@@ -422,67 +609,11 @@ class Trainer:
         return bool(every) and self.info.is_main and step_no % every == 0
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def save(self) -> Path:
-        partitioned = optimizer_is_partitioned(self.ds_config)
-        per_rank = {"rng": ckpt.capture_rng(), "data": {"epoch": self.state.epoch,
-                                                        "batches_in_epoch": self.state.batches_in_epoch}}
-        if partitioned:
-            per_rank["optimizer"] = self._partitioned_optimizer_state()
-        shared = None
-        if self.info.is_main:
-            shared = {"model": self.module.state_dict(), "schedule": self.schedule.state_dict(),
-                      "banks": self.banks.state_dict(), "state": asdict(self.state),
-                      "config": to_dict(self.cfg), "world_size": self.info.world_size,
-                      "optimizer_partitioned": partitioned}
-            if not partitioned:
-                shared["optimizer"] = self.optimizer.state_dict()
-        return ckpt.save_checkpoint(self.run_dir, self.state.step, self.info.rank, self.info.world_size,
-                                    per_rank, shared, self.cfg.train.keep_last, barrier=D.barrier)
+    def _checkpoint_extra(self) -> dict:
+        return {"banks": self.banks.state_dict()}
 
-    def load(self, ckpt_dir: Path) -> dict:
-        """Restore everything except RNG/data position (returned, applied by the caller in order)."""
-        shared = ckpt.load_shared(ckpt_dir)
-        mine = ckpt.load_rank(ckpt_dir, self.info.rank, self.info.world_size)
-        self.module.load_state_dict(shared["model"])
-        if shared.get("optimizer_partitioned"):
-            if "optimizer" not in mine:
-                raise WeightsError(f"checkpoint {ckpt_dir}: rank{self.info.rank}.pt has no optimizer partition")
-            self._load_partitioned_optimizer_state(mine["optimizer"])
-        else:
-            self.optimizer.load_state_dict(shared["optimizer"])
-        self.schedule.load_state_dict(shared["schedule"])
+    def _restore_extra(self, shared: dict, ckpt_dir: Path) -> None:
         self.banks.load_state_dict(shared["banks"])
-        self.state = TrainState(**shared["state"])
-        self.state.epoch = int(mine["data"]["epoch"])
-        self.state.batches_in_epoch = int(mine["data"]["batches_in_epoch"])
-        return mine
-
-    def _partitioned_optimizer_state(self) -> dict:
-        """The ZeRO / bf16 wrapper's state for this rank, minus its LossScaler object (a static
-        scale of 1 without fp16, which we refuse): a plain marker keeps the file weights_only-safe."""
-        state = dict(self.engine.optimizer.state_dict())
-        if "loss_scaler" in state:
-            state["loss_scaler"] = "static"
-        return state
-
-    def _load_partitioned_optimizer_state(self, state: dict) -> None:
-        """ZeRO-1/2 and bf16 wrappers take a list indexed by data-parallel rank; restoring the fp32
-        master partition from the file (not from the bf16 weights) keeps the resume exact."""
-        wrapper = self.engine.optimizer
-        state = dict(state)
-        if "loss_scaler" in state:  # stored as a marker: see _partitioned_optimizer_state
-            state["loss_scaler"] = getattr(wrapper, "loss_scaler", None)
-        if "load_from_fp32_weights" not in inspect.signature(wrapper.load_state_dict).parameters:
-            wrapper.load_state_dict(state)  # e.g. FP16_UnfusedOptimizer (bf16, ZeRO 0): one dict
-            return
-        per_rank = [None] * self.info.world_size
-        per_rank[self.info.rank] = state
-        wrapper.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
-
-    def save_final(self) -> Optional[Path]:
-        if self.info.is_main:
-            return ckpt.save_final_model(self.run_dir, self.module.state_dict())
-        return None
 
     # -- pictures -----------------------------------------------------------------------------------
     def write_picture(self, step_no: int) -> Optional[Path]:
@@ -501,55 +632,29 @@ class Trainer:
                                                align_corners=False)[0, 0].numpy()
         return self.log.image("cam", step_no, overlay_cam(image, heat))
 
-    # -- the loop -------------------------------------------------------------------------------------
-    def fit(self, max_steps: int, save_every: int, resume_from: Optional[Path] = None,
-            heartbeat: Optional[D.Heartbeat] = None) -> dict:
-        rng_state = None
-        if resume_from is not None:
-            rng_state = self.load(resume_from)["rng"]
-            self._log_info("resumed from %s at step %d", resume_from, self.state.step)
-        stream = DataStream(self.build_loader(), self.state.epoch, self.state.batches_in_epoch)
-        if rng_state is not None:
-            ckpt.restore_rng(rng_state)  # after the data fast-forward, which may draw numbers
-        skipped_before = 0
-        last_save = self.state.step if resume_from is not None else -1
-        while self.state.step < max_steps:
-            t0 = time.perf_counter()
-            micro = [stream.next() for _ in range(self.gas)]
-            result = self._guarded(lambda: self.train_step(micro), heartbeat)
-            self.state.step += 1
-            self.state.epoch, self.state.batches_in_epoch = stream.epoch, stream.batches_in_epoch
-            skipped_now = stream.skipped()
-            self._record(result, skipped_now - skipped_before, time.perf_counter() - t0, heartbeat)
-            skipped_before = skipped_now
-            if result.nonfinite and self.state.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
-                path = self._guarded(self.save, heartbeat)
-                raise TrainingError(
-                    f"loss was non-finite for {self.state.nonfinite_in_a_row} optimiser steps in a row "
-                    f"(steps {self.state.step - self.state.nonfinite_in_a_row + 1}..{self.state.step}; "
-                    f"non-finite terms on this rank: {', '.join(result.nonfinite_terms) or 'none (another rank)'}); "
-                    f"train.max_nonfinite={self.cfg.train.max_nonfinite}. Parameters and banks are those of "
-                    f"the last finite step, saved in {path}")
-            if self.state.step % save_every == 0 or self.state.step == max_steps:
-                self._guarded(self.save, heartbeat)
-                last_save = self.state.step
-        if last_save != self.state.step:
-            self._guarded(self.save, heartbeat)
+    # -- the loop (StepLoop.fit) ---------------------------------------------------------------------
+    def make_stream(self) -> DataStream:
+        self._skipped_before = 0
+        return DataStream(self.build_loader(), self.state.epoch, self.state.batches_in_epoch)
+
+    def _nonfinite_message(self, result: StepResult, path: Path) -> str:
+        st = self.state
+        return (f"loss was non-finite for {st.nonfinite_in_a_row} optimiser steps in a row "
+                f"(steps {st.step - st.nonfinite_in_a_row + 1}..{st.step}; "
+                f"non-finite terms on this rank: {', '.join(result.nonfinite_terms) or 'none (another rank)'}); "
+                f"train.max_nonfinite={self.cfg.train.max_nonfinite}. Parameters and banks are those of "
+                f"the last finite step, saved in {path}")
+
+    def _finish(self) -> dict:
         final = self.save_final()
         return {"step": self.state.step, "nonfinite_total": self.state.nonfinite_total,
                 "skipped_samples": self.state.skipped_samples, "final_model": str(final) if final else None}
 
-    def _record(self, result: StepResult, skipped: int, seconds: float, heartbeat) -> None:
+    def _record(self, result: StepResult, stream: DataStream, seconds: float, heartbeat) -> None:
+        skipped_now = stream.skipped()
+        skipped, self._skipped_before = skipped_now - self._skipped_before, skipped_now
         st = self.state
-        if result.nonfinite:
-            st.nonfinite_total += 1
-            st.nonfinite_in_a_row += 1
-            if self.log is not None:
-                self.log.warning("step %d: non-finite loss (terms: %s); step skipped (%d in a row)",
-                                 st.step, ", ".join(result.nonfinite_terms) or "on another rank",
-                                 st.nonfinite_in_a_row)
-        else:
-            st.nonfinite_in_a_row = 0
+        self._count_nonfinite(result.nonfinite, f"loss (terms: {', '.join(result.nonfinite_terms) or 'on another rank'})")
         local = dict(result.terms)
         local["_skipped"] = float(skipped) * self.info.world_size  # mean x world = sum over ranks
         local["_images"] = float(result.images) * self.info.world_size
@@ -560,36 +665,81 @@ class Trainer:
             self.log.warning("step %d: %d bad sample(s) skipped by the loader on this rank", st.step, skipped)
         if self.log is None:
             return
-        row = {"step": st.step, "epoch": st.epoch, "lr": result.lr,
-               "loss": glob.pop("total")}
-        row.update({k: v for k, v in glob.items()})
-        row.update({"images_per_s": images / max(seconds, 1e-9), "skipped_samples": st.skipped_samples,
-                    "nonfinite_steps": st.nonfinite_total, "nonfinite_in_a_row": st.nonfinite_in_a_row,
-                    "time_s": seconds})
-        self.log.step(row)
-        if st.step % max(self.cfg.train.log_every, 1) == 0:
-            self.log.info("step %d loss %.6g lr %.3g %.1f img/s", st.step, row["loss"], row["lr"], row["images_per_s"])
+        row = {"step": st.step, "epoch": st.epoch, "lr": result.lr, "loss": glob.pop("total"), **glob}
+        self._log_step(row, images, st.skipped_samples, seconds)
         self.write_picture(st.step)
 
-    def _guarded(self, fn, heartbeat: Optional[D.Heartbeat]):
-        """Run a collective-bearing call; a failure caused by a dead peer becomes RankLostError."""
-        try:
-            return fn()
-        except TrainingError:
-            raise
-        except Exception as e:
-            if heartbeat is None or self.info.world_size == 1:
-                raise
-            lost = heartbeat.lost_ranks()
-            if not lost:
-                raise
-            raise RankLostError(f"rank {', '.join(map(str, lost))} lost (collective failed on rank "
-                                f"{self.info.rank}: {type(e).__name__}: {str(e)[:200]})") from e
-
 
 # ----------------------------------------------------------------------------------------------
-# Entry point used by launch/train_cam.py
+# One training run's process-group session (CAM training and DeepLab)
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainingSession:
+    """What `training_session` made: process group, DeepSpeed settings, checkpoint to resume, log."""
+    cfg: RunConfig
+    info: D.DistInfo
+    ds_config: dict
+    resume_from: Optional[Path]
+    log: RunLog
+    stage: str
+    max_steps: int
+    heartbeat: Optional[D.Heartbeat] = None
+
+    def run(self, make_trainer: Callable[["TrainingSession"], StepLoop], save_every: int) -> dict:
+        """Start the heartbeat, make the trainer, fit, and leave together. Returns the summary."""
+        self.heartbeat = D.Heartbeat(self.info.rank, self.info.world_size, self.cfg.train.dist_timeout_s,
+                                     namespace=D.stage_namespace(self.stage)).start()
+        trainer = make_trainer(self)
+        summary = trainer.fit(self.max_steps, save_every, self.resume_from, self.heartbeat)
+        self.log.info("finished: %s", summary)
+        # Stop watching before the last barrier: rank 0 (often the store's host) may exit first.
+        self.heartbeat.stop(finished=True)
+        D.barrier()
+        return summary
+
+
+@contextmanager
+def training_session(cfg: RunConfig, run_dir: Path, *, stage: str, resume: str, max_steps: int,
+                     ds_config: Callable[[int], dict], local_rank: Optional[int] = None, progress: bool = True,
+                     env: Optional[dict] = None, title: str = ""):
+    """Join or make the process group; DeepSpeed settings (`ds_config(world_size)`); the run dir
+    (made by rank 0, then by everyone: nodes without a shared filesystem); the checkpoint to
+    resume; the RunLog with config.yaml and env.json (+ `env`). Yields a TrainingSession; on the
+    way out logs a failure, stops the heartbeat, closes the log and leaves the group.
+    `title` prefixes the log lines ("DeepLab ")."""
+    info = D.init_distributed(cfg.train.dist_timeout_s, local_rank_arg=local_rank)
+    log = session = None
+    try:
+        ds_cfg = ds_config(info.world_size)
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        D.barrier()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = ckpt.resolve_resume(resume, run_dir)
+        start_step = ckpt.step_of(resume_from) if resume_from is not None else 0
+        log = RunLog(run_dir, info.rank, info.world_size, max_steps, start_step=start_step,
+                     tensorboard=cfg.train.tensorboard, progress=progress)
+        log.write_config(cfg)
+        env_info = environment_info(info.world_size, info.device, info.launched_by)
+        env_info["deepspeed_config"] = ds_cfg
+        env_info.update(env or {})
+        log.write_env(env_info)
+        log.info("%srank %d/%d on %s (%s, launched by %s)", title, info.rank, info.world_size, info.device,
+                 info.backend, info.launched_by)
+        session = TrainingSession(cfg, info, ds_cfg, resume_from, log, stage, max_steps)
+        yield session
+    except Exception as e:
+        if log is not None:
+            log.error("%straining failed: %s: %s", title, type(e).__name__, e)
+        raise
+    finally:
+        if session is not None and session.heartbeat is not None:
+            session.heartbeat.stop(finished=False)
+        if log is not None:
+            log.close()
+        D.shutdown(info)
+
+
 def train(cfg: RunConfig, run_dir, resume: str = "", ds_config_path: Optional[str] = None,
           local_rank: Optional[int] = None, progress: bool = True) -> dict:
     """Set up the process group, run the whole training, tear down. Returns a summary dict."""
@@ -598,44 +748,10 @@ def train(cfg: RunConfig, run_dir, resume: str = "", ds_config_path: Optional[st
     run_dir = Path(run_dir)
     # Before any work: the launcher's WORLD_SIZE (plain python: 1) against the checkpoint's.
     check_resume_world_size(ckpt.resolve_resume(resume, run_dir), int(os.environ.get("WORLD_SIZE", "1")))
-    info = D.init_distributed(cfg.train.dist_timeout_s, local_rank_arg=local_rank)
-    heartbeat = None
-    log = None
-    try:
-        ds_cfg = build_ds_config(cfg, info.world_size, ds_config_path)
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        D.barrier()
-        run_dir.mkdir(parents=True, exist_ok=True)  # other nodes without a shared filesystem
-        resume_from = ckpt.resolve_resume(resume, run_dir)
-        start_step = ckpt.step_of(resume_from) if resume_from is not None else 0
-        log = RunLog(run_dir, info.rank, info.world_size, cfg.train.max_steps, start_step=start_step,
-                     tensorboard=cfg.train.tensorboard, progress=progress)
-        log.write_config(cfg)
-        env = environment_info(info.world_size, info.device, info.launched_by)
-        env["deepspeed_config"] = ds_cfg
-        log.write_env(env)
-        log.info("rank %d/%d on %s (%s, launched by %s)", info.rank, info.world_size, info.device,
-                 info.backend, info.launched_by)
-        heartbeat = D.Heartbeat(info.rank, info.world_size, cfg.train.dist_timeout_s,
-                                namespace=D.stage_namespace("train_cam")).start()
-        trainer = Trainer(cfg, run_dir, info, ds_cfg, log)
-        summary = trainer.fit(cfg.train.max_steps, cfg.train.save_every, resume_from, heartbeat)
-        log.info("finished: %s", summary)
-        # Stop watching before the last barrier: rank 0 (often the store's host) may exit first.
-        heartbeat.stop(finished=True)
-        D.barrier()
-        return summary
-    except Exception as e:
-        if log is not None:
-            log.error("training failed: %s: %s", type(e).__name__, e)
-        raise
-    finally:
-        if heartbeat is not None:
-            heartbeat.stop(finished=False)
-        if log is not None:
-            log.close()
-        D.shutdown(info)
+    with training_session(cfg, run_dir, stage="train_cam", resume=resume, max_steps=cfg.train.max_steps,
+                          ds_config=lambda world: build_ds_config(cfg, world, ds_config_path),
+                          local_rank=local_rank, progress=progress) as session:
+        return session.run(lambda s: Trainer(cfg, run_dir, s.info, s.ds_config, s.log), cfg.train.save_every)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -706,37 +822,50 @@ def config_from_args(args) -> RunConfig:
     return cfg
 
 
-def main(argv: Optional[list] = None) -> int:
-    import sys
+def parse_stage_args(parser, argv: Optional[list]):
+    """A stage's command line (train_cam, train_deeplab); None once --list-keys printed every
+    config key with type, default and help. --run-dir is required otherwise."""
     from .config import describe
-    from .errors import HscError
-    parser = build_arg_parser()
     args = parser.parse_args(argv)
     if args.list_keys:
         for key, tp, default, help_ in describe():
             print(f"{key:32s} {tp:6s} {default!r:28s} {help_}")
-        return 0
+        return None
     if not args.run_dir:
         parser.error("--run-dir is required")
+    return args
+
+
+def stage_exit_status(e: Exception, label: str, status: int) -> int:
+    """Report a stage's failure on stderr and return its exit status: ConfigError -> 2, another
+    error -> `status` (printed after `label`); a lost peer (RankLostError) ends the process."""
+    import sys
+    if isinstance(e, RankLostError):
+        print(f"[rank {D.get_rank()}] {e}", file=sys.stderr, flush=True)
+        # Leave at once: the process group and loader workers may be wedged on the dead peer.
+        os._exit(D.EXIT_RANK_LOST)
+    if isinstance(e, ConfigError):
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(f"{label}: {type(e).__name__}: {e}", file=sys.stderr)
+    return status
+
+
+def main(argv: Optional[list] = None) -> int:
+    from .errors import HscError
+    args = parse_stage_args(build_arg_parser(), argv)
+    if args is None:
+        return 0
     try:
         cfg = config_from_args(args)
         build_ds_config(cfg, 1)  # fail on a bad DeepSpeed JSON before any process group work
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return stage_exit_status(e, "config error", 2)
     try:
         summary = train(cfg, args.run_dir, resume=args.resume, local_rank=args.local_rank,
                         progress=not args.no_progress)
-    except RankLostError as e:
-        print(f"[rank {D.get_rank()}] {e}", file=sys.stderr, flush=True)
-        # Leave at once: the process group and loader workers may be wedged on the dead peer.
-        os._exit(D.EXIT_RANK_LOST)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     except HscError as e:
-        print(f"training error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return stage_exit_status(e, "training error", 1)
     if D.get_rank() == 0:
         print(json.dumps(summary))
     return 0

@@ -30,7 +30,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -41,6 +41,7 @@ from PIL import Image
 
 from . import NUM_FG
 from .config import RunConfig, SeedConfig, load_config
+from .crf import CrfParams
 from .distributed import barrier, get_rank, init_distributed, shutdown, world_size
 from .errors import ConfigError, DataError, HscError, WeightsError
 from .evaluate import evaluate, format_table, read_cam_file, seeds_from_cams, write_outputs
@@ -222,25 +223,18 @@ def _bar(total, desc, enabled):
 
 @dataclass
 class PseudoLabelParams:
-    """CRF post-processing of CAMs: bg = (1 - max fg)^alpha, dense CRF, argmax (+ uncertain -> 255)."""
+    """CRF post-processing of CAMs: bg = (1 - max fg)^alpha, dense CRF (`crf`; default the
+    INFERENCE preset), argmax (+ top-2 closer than uncertain_margin -> 255)."""
     alpha: float = 7.0
-    iters: int = 8
-    gauss_sxy: float = 3.0
-    gauss_compat: float = 3.0
-    bi_sxy: float = 80.0
-    bi_srgb: float = 13.0
-    bi_compat: float = 10.0
+    crf: CrfParams = field(default_factory=CrfParams)
     backend: str = "pydensecrf"
     uncertain_margin: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: SeedConfig, uncertain_margin: float = 0.0) -> "PseudoLabelParams":
-        return cls(cfg.crf_alpha, cfg.crf_iters, cfg.crf_gauss_sxy, cfg.crf_gauss_compat, cfg.crf_bi_sxy,
-                   cfg.crf_bi_srgb, cfg.crf_bi_compat, cfg.crf_backend, uncertain_margin)
-
-    def crf_kwargs(self) -> dict:
-        return dict(iters=self.iters, gauss_sxy=self.gauss_sxy, gauss_compat=self.gauss_compat,
-                    bi_sxy=self.bi_sxy, bi_srgb=self.bi_srgb, bi_compat=self.bi_compat)
+        crf = CrfParams(gauss_sxy=cfg.crf_gauss_sxy, gauss_compat=cfg.crf_gauss_compat, bi_sxy=cfg.crf_bi_sxy,
+                        bi_srgb=cfg.crf_bi_srgb, bi_compat=cfg.crf_bi_compat, iters=cfg.crf_iters)
+        return cls(cfg.crf_alpha, crf, cfg.crf_backend, uncertain_margin)
 
 
 def crf_input(keys: np.ndarray, cams: np.ndarray, alpha: float) -> np.ndarray:
@@ -262,7 +256,7 @@ def label_from_crf(keys: np.ndarray, probs: np.ndarray, uncertain_margin: float 
 def crf_label(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, p: PseudoLabelParams) -> np.ndarray:
     """uint8 (H, W) VOC labels of one image from the dense CRF over [bg, CAMs]."""
     from .crf import crf_inference
-    probs = crf_inference(image, crf_input(keys, cams, p.alpha), backend=p.backend, **p.crf_kwargs())
+    probs = crf_inference(image, crf_input(keys, cams, p.alpha), backend=p.backend, **p.crf.kwargs())
     return label_from_crf(keys, np.asarray(probs), p.uncertain_margin)
 
 
@@ -314,7 +308,7 @@ def write_labels(samples: Iterable[Sample], cam_dir, out_dir, *, threshold: Opti
             yield s.image, crf_input(keys, cams, crf.alpha)
 
     try:
-        for probs in crf_imap(crf_pairs(), workers=max(1, workers), backend=crf.backend, **crf.crf_kwargs()):
+        for probs in crf_imap(crf_pairs(), workers=max(1, workers), backend=crf.backend, **crf.crf.kwargs()):
             s, keys, cams, seed, overlay = pending.pop(0)
             label = label_from_crf(keys, probs, crf.uncertain_margin)
             _write_png(crf_dir / f"{s.key}.png", label)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hsc_fast.config import RunConfig, SeedConfig
+from hsc_fast.crf import CrfParams
 from hsc_fast.errors import WeightsError
 from hsc_fast.evaluate import evaluate, read_cam_file, seeds_from_cams
 from hsc_fast.seeds import (PseudoLabelParams, SeedJob, crf_input, crf_label, infer_cam_files, label_from_crf,
@@ -184,7 +185,7 @@ def test_crf_label_mapping_and_uncertain():
     assert label_from_crf(keys, probs).tolist() == [[5, 10, 0]]            # 3rd pixel: bg ties class 4 -> bg
     assert label_from_crf(keys, probs, uncertain_margin=0.1).tolist() == [[5, 10, 255]]
     # zero mean-field iterations: the CRF returns its (normalised, clipped) input -> same argmax
-    lab = crf_label(img, keys, cams, PseudoLabelParams(alpha=1.0, iters=0))
+    lab = crf_label(img, keys, cams, PseudoLabelParams(alpha=1.0, crf=CrfParams(iters=0)))
     assert lab.tolist() == [[5, 10, 0]]
     assert crf_label(img, np.zeros(0, np.int64), np.zeros((0, 1, 3), np.float32), PseudoLabelParams()).tolist() == [[0, 0, 0]]
 
@@ -195,7 +196,7 @@ def test_write_labels_seeds_crf_overlays(tmp_path):
     run_cam_stage(job, FakeCam(stride=2).eval(), "cpu")
     out = tmp_path / "out"
     samples = open_samples(job.data, ids, cls_labels=job.cls_labels)
-    n = write_labels(samples, out / "cam_npy", out, threshold=0.3, crf=PseudoLabelParams(alpha=2.0, iters=0),
+    n = write_labels(samples, out / "cam_npy", out, threshold=0.3, crf=PseudoLabelParams(alpha=2.0, crf=CrfParams(iters=0)),
                      overlays=2)
     assert n == 3
     images = {}
@@ -210,7 +211,7 @@ def test_write_labels_seeds_crf_overlays(tmp_path):
         images[key] = np.array(Image.open(tmp_path / "voc" / "JPEGImages" / f"{key}.jpg").convert("RGB"))
     assert len(list((out / "overlays").glob("*.jpg"))) == 2
     # real mean-field iterations in 2 CRF processes == one image at a time, in order
-    p = PseudoLabelParams(alpha=4.0, iters=3)
+    p = PseudoLabelParams(alpha=4.0, crf=CrfParams(iters=3))
     write_labels(open_samples(job.data, ids, cls_labels=job.cls_labels), out / "cam_npy", out, crf=p, workers=2)
     for key in ids:
         keys, cams = read_cam_file(out / "cam_npy" / f"{key}.npy")
