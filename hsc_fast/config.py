@@ -174,6 +174,7 @@ class DeeplabConfig:
     head: str = _f("v2", "v2 (ASPP 6/12/18/24 summed) | v3 (ASPP + image pooling)")
     weights: str = _f("", "ImageNet torchvision-format weights file")
     allow_random_init: bool = _f(False, "permit training without pretrained weights")
+    frozen_bn: bool = _f(True, "freeze backbone BatchNorm (ImageNet statistics); false for random init")
     lr: float = _f(0.001, "base lr (x10 head)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "weight decay")

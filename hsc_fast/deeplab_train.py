@@ -283,7 +283,7 @@ def load_deeplab_for_eval(cfg: RunConfig, run_dir, checkpoint: Optional[str], de
         state = state.get(key) if isinstance(state, dict) else None
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a state dict{f' under {key!r}' if key else ''}")
-    model = DeepLab(cfg.deeplab.backbone, cfg.deeplab.head)
+    model = DeepLab(cfg.deeplab.backbone, cfg.deeplab.head, frozen_bn=cfg.deeplab.frozen_bn)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

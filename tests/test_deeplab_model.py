@@ -63,3 +63,11 @@ def test_frozen_bn_stays_fixed_in_training():
     model(torch.randn(2, 3, 32, 32) * 5 + 3)
     assert not bn.training and torch.equal(bn.running_mean, before)
     assert not bn.weight.requires_grad
+
+
+def test_unfrozen_bn_learns_statistics_for_random_init():
+    model = DeepLab("resnet18", "v2", frozen_bn=False).train()
+    bn = model.backbone[1]
+    before = bn.running_mean.clone()
+    model(torch.randn(2, 3, 32, 32) * 5 + 3)
+    assert bn.training and not torch.equal(bn.running_mean, before)

@@ -63,8 +63,10 @@ class ASPPv3(nn.Module):
 class DeepLab(nn.Module):
     """Dilated ResNet (OS 8) + ASPP head; `forward` returns logits at the input size."""
 
-    def __init__(self, backbone: str = "resnet101", head: str = "v2", num_classes: int = 21):
+    def __init__(self, backbone: str = "resnet101", head: str = "v2", num_classes: int = 21,
+                 frozen_bn: bool = True):
         super().__init__()
+        self.frozen_bn = frozen_bn
         if backbone not in _RESNETS:
             raise ValueError(f"deeplab backbone '{backbone}': expected one of {', '.join(_RESNETS)}")
         if backbone == "resnet18":  # BasicBlock cannot dilate: stride-8 by hand below
@@ -89,7 +91,7 @@ class DeepLab(nn.Module):
         ]
 
     def freeze_bn(self):
-        """Keep backbone BatchNorm statistics fixed (small per-GPU batches)."""
+        """Keep backbone BatchNorm statistics fixed (small per-GPU batches; ImageNet statistics)."""
         for m in self.backbone.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
@@ -98,7 +100,7 @@ class DeepLab(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode:
+        if mode and self.frozen_bn:
             self.freeze_bn()
         return self
 
@@ -154,7 +156,7 @@ def load_imagenet_backbone(model: DeepLab, path: str) -> dict:
 
 def build_deeplab(cfg) -> DeepLab:
     """From `hsc_fast.config.DeeplabConfig`: weights are required unless random init is allowed."""
-    model = DeepLab(cfg.backbone, cfg.head)
+    model = DeepLab(cfg.backbone, cfg.head, frozen_bn=cfg.frozen_bn)
     if cfg.weights:
         load_imagenet_backbone(model, cfg.weights)
     elif not cfg.allow_random_init:
