@@ -54,6 +54,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = _f("resnet38", "resnet38 | resnet50 | resnet18 (dilated, output stride 8)")
+    width_div: int = _f(1, "resnet38 only: divide every width (a narrow ResNet-38 for CPU demos)")
     weights: str = _f("", "ImageNet weights: mxnet .params or .pth state dict ('' = random init)")
     allow_random_init: bool = _f(False, "permit training without pretrained weights")
     num_classes: int = _f(21, "CAM channels including background (last)")

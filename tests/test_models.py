@@ -425,3 +425,14 @@ def test_pcm_affinity_stays_fp32_under_bf16_autocast():
     assert aff.dtype == torch.float32 and cam_rv.dtype == torch.bfloat16
     col = aff.sum(dim=1)
     torch.testing.assert_close(col, torch.ones_like(col), rtol=0, atol=1e-4)
+
+
+def test_width_div_config_builds_a_narrow_resnet38_with_stride_8():
+    from hsc_fast.config import ModelConfig
+    from hsc_fast.models import build_cam_model
+    net = build_cam_model(ModelConfig(backbone="resnet38", width_div=16, allow_random_init=True)).eval()
+    assert net.backbone.out_channels["conv6"] == 4096 // 16
+    with torch.no_grad():
+        out = net(torch.zeros(1, 3, 64, 72))
+    assert out["cam"].shape == (1, 21, 8, 9)
+    assert out["feat_psc"].shape[1] == 128 and out["feat_rsc"].shape[1] == 256

@@ -345,7 +345,7 @@ def build_cam_model(model_cfg: ModelConfig, load_weights: bool = True) -> CamNet
     """
     if model_cfg.num_classes < 2:
         raise ConfigError(f"config key 'model.num_classes': need >= 2 (fg + bg), got {model_cfg.num_classes}")
-    model = CamNet(build_backbone(model_cfg.backbone), num_classes=model_cfg.num_classes,
+    model = CamNet(build_backbone(model_cfg.backbone, model_cfg.width_div), num_classes=model_cfg.num_classes,
                    pcm=model_cfg.pcm, projectors=model_cfg.projectors, rsc_proj=model_cfg.rsc_proj,
                    rsc_dim=model_cfg.rsc_dim, psc_dim=model_cfg.psc_dim, frozen_bn=model_cfg.frozen_bn,
                    freeze_stem=model_cfg.freeze_stem, proj_lr_quirk=model_cfg.proj_lr_quirk)
