@@ -329,6 +329,7 @@ def run_ablation(root, base_cfg: RunConfig, variants: Sequence[Variant], force: 
 
 # ---------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import add_dataset_args
     p = argparse.ArgumentParser(
         prog="launch/ablation.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="HSC ablation (paper Table 4 rows + the EPS pair) at one budget and seed: seed mIoU per variant.",
@@ -344,20 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override for every variant (repeatable), e.g. train.max_steps=600")
     p.add_argument("--variants", default="all", help="comma-separated subset (default: all)")
     p.add_argument("--force", action="store_true", help="delete and rerun the selected variants")
-    p.add_argument("--voc-root", default="", help="a real VOC2012 folder instead of the synthetic set")
-    p.add_argument("--sbd-root", default="", help="SBD folder (with --voc-root)")
-    p.add_argument("--cls-labels", default="", help="cls_labels.npy (with --voc-root)")
-    p.add_argument("--saliency-root", default="", help="saliency maps (with --voc-root; EPS variants)")
-    p.add_argument("--train-list", default="", help="training ids (with --voc-root)")
-    p.add_argument("--eval-list", default="", help="evaluated ids (with --voc-root; default .../train.txt)")
-    p.add_argument("--workers", type=int, default=2, help="CPU worker processes for sharding, loading, evaluation")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_dataset_args(p, val=False)  # --voc-root etc.: a real VOC2012 instead of the synthetic set
     return p
 
 
 def main(argv=None) -> int:
-    from .pipeline import Context, dataset_from_args
+    from .pipeline import dataset_from_args, start_context
     args = build_parser().parse_args(argv)
     args.demo, args.val_list = not args.voc_root, ""
     run_dir = Path(args.run_dir).resolve()
@@ -369,14 +362,9 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from . import distributed as D
-    info = D.init_distributed(timeout_s=max(base_cfg.train.dist_timeout_s, 3600), local_rank_arg=args.local_rank)
-    root = Context(cfg=base_cfg, run_dir=run_dir, data=data, rank=info.rank, world=info.world_size,
-                   device=info.device, progress=not args.no_progress, workers=args.workers)
+    root, info = start_context(base_cfg, run_dir, data, args)
     command = " ".join(["python launch/ablation.py"] + list(argv if argv is not None else sys.argv[1:]))
     try:
-        if root.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(base_cfg, run_dir / "config.yaml")
         results = run_ablation(root, base_cfg, variants, force=args.force, command=command,
                                log=print if root.rank == 0 else (lambda *_: None))
     except HscError as e:

@@ -283,20 +283,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-size", type=int, default=128, help="--demo: synthetic image size in pixels")
     p.add_argument("--config", default=None, help="YAML config or preset (default: demo with --demo, else hsc_eps_official)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    add_dataset_args(p)
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated subset of: {', '.join(STAGES)} (in this order)")
+    p.add_argument("--force", action="store_true", help="rerun the selected stages even if complete")
+    return p
+
+
+def add_dataset_args(p: argparse.ArgumentParser, *, val: bool = True) -> None:
+    """The data and process flags shared by the pipeline and the ablation runner."""
     p.add_argument("--voc-root", default="", help="VOC2012 folder (JPEGImages, SegmentationClass, Annotations, ImageSets)")
     p.add_argument("--sbd-root", default="", help="SBD folder (img/, cls/) for the train_aug ids without VOC masks")
     p.add_argument("--cls-labels", default="", help="cls_labels.npy (IRN or SEAM keys); default: VOC XML")
     p.add_argument("--saliency-root", default="", help="saliency maps (EPS-based methods)")
     p.add_argument("--train-list", default="", help="training ids (default: VOC_ROOT/ImageSets/Segmentation/train_aug.txt)")
     p.add_argument("--eval-list", default="", help="seed/CRF evaluation ids (default: .../train.txt)")
-    p.add_argument("--val-list", default="", help="DeepLab evaluation ids (default: .../val.txt)")
-    p.add_argument("--stages", default=",".join(STAGES),
-                   help=f"comma-separated subset of: {', '.join(STAGES)} (in this order)")
-    p.add_argument("--force", action="store_true", help="rerun the selected stages even if complete")
+    if val:
+        p.add_argument("--val-list", default="", help="DeepLab evaluation ids (default: .../val.txt)")
     p.add_argument("--workers", type=int, default=2, help="CPU worker processes for sharding, loading, CRF, evaluation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
-    return p
+
+
+def start_context(cfg: RunConfig, run_dir: Path, data: Dataset, args, **extra):
+    """Join/create the process group once (long timeout: ranks legitimately wait for each other's
+    share of inference/CRF; training watches its peers with its own heartbeat), build the Context,
+    and let rank 0 create the run dir with the resolved config. Returns (ctx, dist info)."""
+    from . import distributed as D
+    from .config import save_config
+    info = D.init_distributed(timeout_s=max(cfg.train.dist_timeout_s, 3600), local_rank_arg=args.local_rank)
+    ctx = Context(cfg=cfg, run_dir=run_dir, data=data, rank=info.rank, world=info.world_size, device=info.device,
+                  progress=not args.no_progress, workers=args.workers, **extra)
+    if ctx.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return ctx, info
 
 
 def dataset_from_args(args, run_dir: Path) -> Dataset:
@@ -331,19 +352,12 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from . import distributed as D
-    # Long collective timeout: ranks legitimately wait for each other's share of inference/CRF.
-    # Training watches its peers with its own heartbeat (train.dist_timeout_s).
-    info = D.init_distributed(timeout_s=max(cfg.train.dist_timeout_s, 3600), local_rank_arg=args.local_rank)
-    ctx = Context(cfg=cfg, run_dir=run_dir, data=data, rank=info.rank, world=info.world_size, device=info.device,
-                  progress=not args.no_progress, workers=args.workers,
-                  synth={"n_train": args.synth_train, "n_val": args.synth_val, "size": args.synth_size, "seed": 0})
+    ctx, info = start_context(cfg, run_dir, data, args,
+                              synth={"n_train": args.synth_train, "n_val": args.synth_val, "size": args.synth_size,
+                                     "seed": 0})
     stage_seconds: dict = {}
     t0 = time.perf_counter()
     try:
-        if ctx.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            from .config import save_config
-            save_config(cfg, run_dir / "config.yaml")
         for stage in stages:
             run_stage(ctx, stage, args.force, stage_seconds)
     except HscError as e:
