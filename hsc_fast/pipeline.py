@@ -223,7 +223,7 @@ def write_summary(ctx: Context, stage_seconds: dict) -> Path:
     summary.setdefault("deeplab_eval", "deeplab/eval.json")
     summary.setdefault("deeplab_crf_eval", "deeplab/eval_crf.json")
     summary.setdefault("curve_png", "seeds/sweep.png")
-    summary.setdefault("overlay_dirs", ["seeds/overlays"])
+    summary.setdefault("overlay_dirs", ["seeds/overlays", "cam/images"])
     summary["dataset"] = ctx.data.name
     summary["run_dir"] = str(ctx.run_dir)
     _write_json(path, summary)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 HEADLINES = (("seed_miou", "Seeds (best background threshold)"), ("crf_miou", "Seeds + CRF (pseudo-labels)"),
              ("deeplab_miou", "DeepLab"), ("deeplab_crf_miou", "DeepLab + CRF"))
 
@@ -66,7 +67,8 @@ def collect(run_dir: Path) -> dict:
             evals[label] = result
     pictures = []
     for folder in summary.get("overlay_dirs", []):
-        pictures += sorted(str(p.relative_to(run_dir)) for p in (run_dir / folder).glob("*.png"))[:8]
+        found = [p for p in (run_dir / folder).glob("*") if p.suffix.lower() in PICTURE_SUFFIXES]
+        pictures += sorted(str(p.relative_to(run_dir)) for p in found)[:8]
     curve = summary.get("curve_png")
     return {"summary": summary, "evals": evals, "pictures": pictures,
             "curve": curve if curve and (run_dir / curve).is_file() else None,

@@ -84,7 +84,8 @@ def test_waiting_rank_times_out_instead_of_hanging(tmp_path):
 
 def test_report_shows_headlines_classes_and_pictures(tmp_path):
     (tmp_path / "seeds" / "overlays").mkdir(parents=True)
-    (tmp_path / "seeds" / "overlays" / "2100_000001.png").write_bytes(b"\x89PNG")
+    (tmp_path / "seeds" / "overlays" / "2100_000001.jpg").write_bytes(b"\xff\xd8")
+    (tmp_path / "seeds" / "overlays" / "notes.txt").write_text("not a picture")
     (tmp_path / "seeds" / "sweep.json").write_text(json.dumps(
         {"miou": 51.25, "iou": {"background": 80.0, "aeroplane": 22.5}, "n_images": 3}))
     (tmp_path / "seeds" / "crf_eval.json").write_text(json.dumps(
@@ -97,7 +98,7 @@ def test_report_shows_headlines_classes_and_pictures(tmp_path):
     assert "| Seeds (best background threshold) | 51.25 |" in text
     assert "| aeroplane | 22.50 | 29.00 |" in text
     assert "Best background threshold: 0.21" in text
-    assert "seeds/overlays/2100_000001.png" in text
+    assert "seeds/overlays/2100_000001.jpg" in text and "notes.txt" not in text
     assert "55.50" in page.read_text() and "<table>" in page.read_text()
 
 
