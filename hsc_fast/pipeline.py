@@ -117,8 +117,7 @@ def stage_shard(ctx: Context) -> dict:
     index = shard_dataset(d.voc_root, d.list_path("train"), ctx.path("shards"), sbd_root=d.sbd_root or None,
                           cls_labels=d.cls_labels or None, saliency_root=d.saliency_root or None,
                           workers=max(1, ctx.workers), progress=ctx.progress)
-    return {"index": str(ctx.path("shards", "index.json")), "samples": sum(index.get("counts", {}).values())
-            if isinstance(index.get("counts"), dict) else index.get("n_samples")}
+    return {"index": shard_index(ctx), "samples": index["count"]}
 
 
 def shard_index(ctx: Context) -> str:
@@ -174,13 +173,9 @@ def stage_crf(ctx: Context) -> dict:
     return {"pseudo_labels": "seeds/pseudo_labels", "miou": result["miou"]}
 
 
-def _deeplab_images(ctx: Context) -> str:
-    return shard_index(ctx)
-
-
 def stage_deeplab(ctx: Context) -> dict:
     from .deeplab_train import train_deeplab
-    summary = train_deeplab(ctx.cfg, ctx.path("deeplab"), images=_deeplab_images(ctx),
+    summary = train_deeplab(ctx.cfg, ctx.path("deeplab"), images=shard_index(ctx),
                             labels_dir=str(ctx.path("seeds", "pseudo_labels")), train_ids=ctx.ids("train"),
                             resume="auto", progress=ctx.progress)
     return {"final": str(ctx.path("deeplab", "final", "model.pt")), "summary": summary}

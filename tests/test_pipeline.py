@@ -124,6 +124,7 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
     assert (run / "report.md").is_file() and (run / "report.html").is_file()
     assert (run / "cam" / "final" / "model.pt").is_file()
     assert len(list((run / "seeds" / "pseudo_labels").glob("*.png"))) == 24
+    assert json.loads((run / "stages" / "shard.json").read_text())["outputs"]["samples"] == 24
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("already complete") == len(P.STAGES)
