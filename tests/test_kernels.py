@@ -127,16 +127,20 @@ def roi_inputs(n, d, hw, k=2, dtype=torch.float32, seed=0, device="cpu"):
     return feats, masks
 
 
-def check_roi(feats, masks, dtype, **eps):
-    g = torch.randn(feats.shape[0], masks.shape[1], feats.shape[1]).to(feats.device)
-    run = lambda impl: grads_of(  # noqa: E731
-        lambda f: ops.roi_pool(f, masks, impl=impl, **eps), (feats,), g)
+def compare_impls(op, feats, g, dtype):
+    """Run `op(feats, impl)` as Triton and as the reference; outputs and d/dfeats must agree."""
+    run = lambda impl: grads_of(lambda f: op(f, impl), (feats,), g)  # noqa: E731
     out, (df,) = run("triton")
     ref, (rf,) = run("torch")
     assert out.dtype == torch.float32 and df.dtype == dtype
     assert_rel(out, ref, FWD_TOL[dtype])
     assert_rel(df, rf, GRAD_TOL[dtype])
     return out
+
+
+def check_roi(feats, masks, dtype, **eps):
+    g = torch.randn(feats.shape[0], masks.shape[1], feats.shape[1]).to(feats.device)
+    return compare_impls(lambda f, impl: ops.roi_pool(f, masks, impl=impl, **eps), feats, g, dtype)
 
 
 @pytest.mark.parametrize("n,d,hw,k", [(3, 256, 35, 2), (1, 40, 49, 3), (2, 16, 1, 2)])
@@ -175,15 +179,9 @@ def topk_inputs(c, m, d, dtype=torch.float32, seed=0, device="cpu"):
 
 def check_topk(scores, feats, k, k_denom=None, normalize=True, dtype=torch.float32):
     g = torch.randn(scores.shape[0], feats.shape[1]).to(feats.device)
-    run = lambda impl: grads_of(  # noqa: E731
-        lambda f: ops.topk_proto(scores, f, k, k_denom=k_denom, normalize=normalize, impl=impl),
-        (feats,), g)
-    out, (df,) = run("triton")
-    ref, (rf,) = run("torch")
-    assert out.dtype == torch.float32 and df.dtype == dtype
-    assert_rel(out, ref, FWD_TOL[dtype])
-    assert_rel(df, rf, GRAD_TOL[dtype])
-    return out
+    return compare_impls(
+        lambda f, impl: ops.topk_proto(scores, f, k, k_denom=k_denom, normalize=normalize, impl=impl),
+        feats, g, dtype)
 
 
 @pytest.mark.parametrize("k,k_denom,normalize", [(16, None, True), (4, 32, True), (32, 8, False)])

@@ -192,6 +192,17 @@ def test_classification_loss_is_soft_margin_on_gap():
 # ------------------------------------------------------------------------------------------
 # Official equality, step after step
 # ------------------------------------------------------------------------------------------
+def assert_step_matches(loss, want, banks, official_banks, feats, official_feats):
+    """One step of ours vs the official re-derivation: loss, both banks, feature gradients."""
+    torch.testing.assert_close(loss, want, **TOL)
+    for ours, theirs in zip(banks, official_banks):
+        torch.testing.assert_close(ours, theirs, **TOL)
+    loss.backward()
+    want.backward()
+    for ours, theirs in zip(feats, official_feats):
+        torch.testing.assert_close(ours.grad, theirs.grad, **TOL)
+
+
 def test_rsc_matches_official_over_steps():
     cfg = cfg_small()
     g = torch.Generator().manual_seed(5)
@@ -202,13 +213,7 @@ def test_rsc_matches_official_over_steps():
         loss, b1, b2 = rsc_loss(s["fr1"], s["fr2"], s["y1"], s["y2"], b1, b2, cfg)
         r1, r2 = clone_leaf(s["fr1"]), clone_leaf(s["fr2"])
         want = official_rsc(r1, r2, s["y1"], s["y2"], o1, o2)
-        torch.testing.assert_close(loss, want, **TOL)
-        torch.testing.assert_close(b1, o1, **TOL)
-        torch.testing.assert_close(b2, o2, **TOL)
-        loss.backward()
-        want.backward()
-        torch.testing.assert_close(s["fr1"].grad, r1.grad, **TOL)
-        torch.testing.assert_close(s["fr2"].grad, r2.grad, **TOL)
+        assert_step_matches(loss, want, (b1, b2), (o1, o2), (s["fr1"], s["fr2"]), (r1, r2))
 
 
 def test_csc_matches_official_over_steps():
@@ -221,13 +226,7 @@ def test_csc_matches_official_over_steps():
         loss, b1, b2 = csc_loss(s["fr1"], s["cam1"], s["fr2"], s["cam2"], s["label"], b1, b2, cfg)
         r1, r2 = clone_leaf(s["fr1"]), clone_leaf(s["fr2"])
         want = official_csc(r1, s["cam1"], r2, s["cam2"], s["label"], o1, o2)
-        torch.testing.assert_close(loss, want, **TOL)
-        torch.testing.assert_close(b1, o1, **TOL)
-        torch.testing.assert_close(b2, o2, **TOL)
-        loss.backward()
-        want.backward()
-        torch.testing.assert_close(s["fr1"].grad, r1.grad, **TOL)
-        torch.testing.assert_close(s["fr2"].grad, r2.grad, **TOL)
+        assert_step_matches(loss, want, (b1, b2), (o1, o2), (s["fr1"], s["fr2"]), (r1, r2))
 
 
 def test_csc_bg_row_and_absent_rows_are_never_updated():
