@@ -300,7 +300,8 @@ def run_ablation(root, base_cfg: RunConfig, variants: Sequence[Variant], force: 
     t0 = time.perf_counter()
     machine_start = machine_text()
     stage_seconds: dict = {}
-    for stage in (("synth", "shard") if root.data.name.startswith("synthetic") else ("shard",)):
+    shared = (("synth",) if root.data.name.startswith("synthetic") else ()) + ("shard",)
+    for stage in shared + (("pretrain",) if base_cfg.pretrain.enabled else ()):
         run_stage(root, stage, force=False, stage_seconds=stage_seconds)
     results = []
     for variant in variants:
@@ -351,11 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from .pipeline import dataset_from_args, start_context
+    from .pretrain import fill_weights
     args = build_parser().parse_args(argv)
     args.demo, args.val_list = not args.voc_root, ""
     run_dir = Path(args.run_dir).resolve()
     try:
         base_cfg = load_config(args.config, args.set)
+        fill_weights(base_cfg, run_dir)  # every variant starts from the one shared SynthNet file
         variants = select_variants(args.variants)
         data = dataset_from_args(args, run_dir)
     except ConfigError as e:

@@ -70,6 +70,24 @@ class ModelConfig:
 
 
 @dataclass
+class PretrainConfig:
+    enabled: bool = _f(False, "pipeline stage 'pretrain': train SynthNet (the backbone as a classifier of "
+                              "single-object synthetic images) and use it where model.weights / deeplab.weights are ''")
+    images: int = _f(20000, "training images (rendered in memory, own seed and ids: not the WSSS set)")
+    val_images: int = _f(1000, "held-out images for the reported top-1 accuracy")
+    size: int = _f(96, "image size in pixels")
+    seed: int = _f(1000, "generator seed of the pretraining images")
+    steps: int = _f(1000, "SGD steps (each rank: batch_size images per step)")
+    batch_size: int = _f(64, "images per rank per step")
+    lr: float = _f(0.1, "peak learning rate (linear warm-up, then cosine to 0)")
+    warmup_steps: int = _f(50, "linear warm-up steps")
+    momentum: float = _f(0.9, "SGD (Nesterov) momentum")
+    weight_decay: float = _f(5e-4, "weight decay")
+    precision: str = _f("auto", "auto (bf16 on CUDA or a CPU with AMX/AVX512-BF16, else fp32) | fp32 | bf16")
+    log_every: int = _f(20, "metrics row every N steps")
+
+
+@dataclass
 class LossConfig:
     method: str = _f("hsc_eps", "seam | eps | ppc_seam | ppc_eps | hsc_seam | hsc_eps")
     impl: str = _f("auto", "loss kernels: auto (Triton on CUDA) | triton | torch")
@@ -196,6 +214,7 @@ class DeeplabConfig:
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -341,6 +360,7 @@ _CHOICES = {
     "loss.impl": ("auto", "triton", "torch"),
     "loss.rsc_normalize": ("width", "channel"),
     "seeds.crf_backend": ("pydensecrf", "gpu"),
+    "pretrain.precision": ("auto", "fp32", "bf16"),
     "deeplab.backbone": ("resnet101", "resnet50", "resnet18"),
     "deeplab.head": ("v2", "v3"),
 }
@@ -355,7 +375,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
     if len(cfg.data.resize_long) != 2 or cfg.data.resize_long[0] > cfg.data.resize_long[1]:
         raise ConfigError(f"config key 'data.resize_long': expected [min, max], got {cfg.data.resize_long}")
-    for key in ("data.batch_size", "data.crop_size", "data.view2_size", "train.max_steps"):
+    for key in ("data.batch_size", "data.crop_size", "data.view2_size", "train.max_steps", "pretrain.images",
+                "pretrain.val_images", "pretrain.size", "pretrain.steps", "pretrain.batch_size"):
         sec, name = key.split(".")
         if getattr(getattr(cfg, sec), name) <= 0:
             raise ConfigError(f"config key '{key}': must be positive")

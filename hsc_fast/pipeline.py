@@ -1,5 +1,5 @@
-"""The whole HSC pipeline under one launcher: shard -> train CAM -> CAMs -> sweep -> CRF
-pseudo-labels -> DeepLab -> evaluation -> report, in one run directory.
+"""The whole HSC pipeline under one launcher: shard -> (SynthNet pretraining) -> train CAM -> CAMs
+-> sweep -> CRF pseudo-labels -> DeepLab -> evaluation -> report, in one run directory.
 
 Every rank of a `deepspeed` / `torchrun` / `python` start runs this module; the process group is
 created once here and joined by the stages. Stages talk through files (shards, checkpoints, CAM
@@ -11,6 +11,7 @@ and the other ranks wait for it on the shared filesystem (no collective can time
 Layout of RUN_DIR:
     synth/            the synthetic VOC/SBD tree (demo only)
     shards/           WebDataset shards of the training list + index.json
+    pretrain/         SynthNet backbone weights (pretrain.enabled: the demo's stand-in for ImageNet)
     cam/              CAM training run (config.yaml, metrics.csv, checkpoints/, final/model.pt)
     seeds/            cam_npy/, sweep.json(+png), seeds/, pseudo_labels/, overlays/, crf_eval.json
     deeplab/          DeepLab run (checkpoints, final/model.pt, pred/, eval.json)
@@ -31,7 +32,7 @@ from typing import Callable, Optional
 from .config import RunConfig, load_config
 from .errors import ConfigError, HscError
 
-STAGES = ("synth", "shard", "train_cam", "cam", "sweep", "crf", "deeplab", "deeplab_eval", "report")
+STAGES = ("synth", "shard", "pretrain", "train_cam", "cam", "sweep", "crf", "deeplab", "deeplab_eval", "report")
 MAIN_ONLY = {"synth", "shard", "report"}
 
 
@@ -124,6 +125,18 @@ def shard_index(ctx: Context) -> str:
     return str(ctx.path("shards", "index.json"))
 
 
+def stage_pretrain(ctx: Context) -> dict:
+    """SynthNet for every backbone whose weights point at this run's pretrain/ folder (all ranks)."""
+    from .pretrain import archs_to_train, pretrain, weights_path
+    trained = {}
+    for arch in archs_to_train(ctx.cfg, ctx.run_dir):
+        result = pretrain(ctx.cfg, arch, weights_path(ctx.run_dir, arch), rank=ctx.rank, world=ctx.world,
+                          device=ctx.device, progress=ctx.progress, log=lambda m: _say(ctx, m))
+        trained[arch] = {k: result[k] for k in ("file", "val_top1", "train_seconds", "images_per_s", "precision")}
+        ctx.summary[f"pretrain_{arch}_top1"] = result["val_top1"]
+    return {"trained": trained}
+
+
 def stage_train_cam(ctx: Context) -> dict:
     from .engine import train
     ctx.cfg.data.train = shard_index(ctx)
@@ -200,7 +213,7 @@ def stage_report(ctx: Context) -> dict:
 
 
 STAGE_FUNCS: dict[str, Callable[[Context], dict]] = {
-    "synth": stage_synth, "shard": stage_shard, "train_cam": stage_train_cam, "cam": stage_cam,
+    "synth": stage_synth, "shard": stage_shard, "pretrain": stage_pretrain, "train_cam": stage_train_cam, "cam": stage_cam,
     "sweep": stage_sweep, "crf": stage_crf, "deeplab": stage_deeplab, "deeplab_eval": stage_deeplab_eval,
     "report": stage_report,
 }
@@ -328,12 +341,13 @@ def dataset_from_args(args, run_dir: Path) -> Dataset:
                    val_list=args.val_list)
 
 
-def selected_stages(text: str, demo: bool) -> list[str]:
+def selected_stages(text: str, demo: bool, pretrain: bool = False) -> list[str]:
+    """The wanted stages in pipeline order; 'synth' only for the demo, 'pretrain' only when enabled."""
     wanted = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
-    return [s for s in STAGES if s in wanted and (demo or s != "synth")]
+    return [s for s in STAGES if s in wanted and (demo or s != "synth") and (pretrain or s != "pretrain")]
 
 
 def main(argv=None) -> int:
@@ -341,8 +355,10 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir).resolve()
     try:
         cfg = load_config(args.config or ("demo" if args.demo else "hsc_eps_official"), args.set)
+        from .pretrain import fill_weights
+        fill_weights(cfg, run_dir)
         data = dataset_from_args(args, run_dir)
-        stages = selected_stages(args.stages, args.demo)
+        stages = selected_stages(args.stages, args.demo, cfg.pretrain.enabled)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

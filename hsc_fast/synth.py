@@ -348,11 +348,13 @@ def _choose_scene(rng: np.random.Generator, main_cls: int) -> str:
 
 # -------------------------------------------------------------------------------------- layouts
 
-def _sample_objects(rng: np.random.Generator, size: int) -> list[_Object]:
-    n = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
-    classes = list(rng.choice(np.arange(1, NUM_FG + 1), size=n, replace=False, p=CLASS_WEIGHTS))
-    if n > 1 and rng.random() < 0.15:  # a second instance of the main class (two persons, ...)
-        classes[-1] = classes[0]
+def _sample_objects(rng: np.random.Generator, size: int, classes: Optional[Sequence[int]] = None) -> list[_Object]:
+    """Random objects (1-3, VOC-like class frequencies), or exactly `classes` when given."""
+    if classes is None:
+        n = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
+        classes = list(rng.choice(np.arange(1, NUM_FG + 1), size=n, replace=False, p=CLASS_WEIGHTS))
+        if n > 1 and rng.random() < 0.15:  # a second instance of the main class (two persons, ...)
+            classes[-1] = classes[0]
     objs = []
     for i, c in enumerate(classes):
         # The main (first) object is large; the others vary in scale and may occlude it.
@@ -389,11 +391,11 @@ def _boundary_band(seg: np.ndarray, radius: int) -> np.ndarray:
     return _dilate(edge, radius)
 
 
-def _visible_layout(rng, size, band_radius):
+def _visible_layout(rng, size, band_radius, classes=None):
     """Sample objects; drop the ones whose visible core (outside the band) is too small."""
     min_core = max(48, int(0.004 * size * size))
     for _ in range(20):
-        objs = _sample_objects(rng, size)
+        objs = _sample_objects(rng, size, classes)
         for _ in range(len(objs)):
             inst, geo = _instance_map(objs, size)
             band = _boundary_band(_labels(objs, inst), band_radius)
@@ -451,10 +453,11 @@ class Scene:
     instances: list         # [(class, (xmin, ymin, xmax, ymax) 0-based inclusive, truncated)]
 
 
-def render_scene(rng: np.random.Generator, size: int = 256) -> Scene:
-    """One synthetic image with its masks, saliency map and instance boxes."""
+def render_scene(rng: np.random.Generator, size: int = 256, classes: Optional[Sequence[int]] = None) -> Scene:
+    """One synthetic image with its masks, saliency map and instance boxes; `classes` (1..20) fixes
+    the objects (e.g. one object of a chosen class for hsc_fast.pretrain) instead of sampling them."""
     band_radius = int(rng.integers(1, 3))  # 3 or 5 px wide, like VOC's ~5 px band
-    objs, inst, geo, band = _visible_layout(rng, size, band_radius)
+    objs, inst, geo, band = _visible_layout(rng, size, band_radius, classes)
     scene = _choose_scene(rng, objs[0].cls)
     canvas = _background(scene, size, rng)
     canvas *= rng.normal(1.0, 0.06, 3).astype(np.float32)  # global colour cast

@@ -29,7 +29,10 @@ def test_official_and_paper_presets_carry_their_recipes():
     assert not paper.optim.official_momentum_quirk and paper.optim.poly_steps == paper.train.max_steps
     assert load_config("hsc_seam").loss.method == "hsc_seam"
     demo = load_config("demo")
-    assert demo.model.backbone == "resnet18" and demo.model.allow_random_init and demo.data.crop_size <= 128
+    assert demo.model.backbone == "resnet18" and demo.data.crop_size <= 128
+    # the demo starts from SynthNet (stage pretrain), never silently from random init
+    assert demo.pretrain.enabled and demo.model.weights == "" and not demo.model.allow_random_init
+    assert demo.model.frozen_bn and demo.deeplab.frozen_bn and not demo.deeplab.allow_random_init
 
 
 def test_unknown_key_and_wrong_type_fail_naming_the_key(tmp_path):

@@ -25,6 +25,8 @@ def test_stage_selection_keeps_pipeline_order_and_rejects_unknown():
     assert P.selected_stages("report,shard,train_cam", demo=False) == ["shard", "train_cam", "report"]
     assert "synth" not in P.selected_stages("synth,shard", demo=False)
     assert P.selected_stages("synth,shard", demo=True) == ["synth", "shard"]
+    assert "pretrain" not in P.selected_stages(",".join(P.STAGES), demo=True, pretrain=False)
+    assert P.selected_stages("train_cam,pretrain", demo=False, pretrain=True) == ["pretrain", "train_cam"]
     with pytest.raises(ConfigError, match="seedz"):
         P.selected_stages("shard,seedz", demo=True)
 
@@ -111,7 +113,8 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
            "--set", "deeplab.crop_size=64", "--set", "data.resize_long=[64,80]", "--set", "data.crop_size=64",
            "--set", "data.view2_size=32", "--set", "loss.contrast_size=4", "--set", "loss.csc_topk=8",
            "--set", "loss.csc_update_topk=4", "--set", "loss.psc_topk=2", "--set", "seeds.scales=[1.0]",
-           "--set", "deeplab.test_scales=[1.0]"]
+           "--set", "deeplab.test_scales=[1.0]", "--set", "pretrain.steps=2", "--set", "pretrain.images=40",
+           "--set", "pretrain.val_images=20", "--set", "pretrain.size=32", "--set", "pretrain.batch_size=8"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -123,6 +126,9 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
     assert set(summary["stage_seconds"]) == set(P.STAGES)
     assert (run / "report.md").is_file() and (run / "report.html").is_file()
     assert (run / "cam" / "final" / "model.pt").is_file()
+    resolved = (run / "config.yaml").read_text()  # both networks start from the run's SynthNet file
+    assert resolved.count(str(run / "pretrain" / "synthnet_resnet18.pth")) == 2
+    assert 0.0 <= summary["pretrain_resnet18_top1"] <= 100.0
     assert len(list((run / "seeds" / "pseudo_labels").glob("*.png"))) == 24
     assert json.loads((run / "stages" / "shard.json").read_text())["outputs"]["samples"] == 24
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
