@@ -84,6 +84,8 @@ class PretrainConfig:
     momentum: float = _f(0.9, "SGD (Nesterov) momentum")
     weight_decay: float = _f(5e-4, "weight decay")
     precision: str = _f("auto", "auto (bf16 on CUDA or a CPU with AMX/AVX512-BF16, else fp32) | fp32 | bf16")
+    ranks: str = _f("auto", "all (data parallel) | main (rank 0 with every core of its host; the others wait) | "
+                            "auto (main on CPU, all on GPUs)")
     log_every: int = _f(20, "metrics row every N steps")
 
 
@@ -361,6 +363,7 @@ _CHOICES = {
     "loss.rsc_normalize": ("width", "channel"),
     "seeds.crf_backend": ("pydensecrf", "gpu"),
     "pretrain.precision": ("auto", "fp32", "bf16"),
+    "pretrain.ranks": ("auto", "all", "main"),
     "deeplab.backbone": ("resnet101", "resnet50", "resnet18"),
     "deeplab.head": ("v2", "v3"),
 }

@@ -73,6 +73,13 @@ def test_augment_is_a_flip_and_shift_of_the_batch():
     assert torch.equal(PT.augment(x, torch.Generator().manual_seed(1), pad=0).sum(), x.sum())
 
 
+def test_rank_sharing_mode():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert PT.sharing("auto", cpu, 2) == "main" and PT.sharing("auto", gpu, 8) == "all"
+    assert PT.sharing("all", cpu, 2) == "all" and PT.sharing("main", gpu, 2) == "main"
+    assert PT.sharing("main", cpu, 1) == "all"                         # one rank: nothing to share
+
+
 def test_precision_choice():
     cpu = torch.device("cpu")
     assert PT.use_bf16("fp32", cpu) is False and PT.use_bf16("bf16", cpu) is True
@@ -159,11 +166,13 @@ def test_two_ranks_train_one_model(tmp_path):
         "moved = not torch.equal(mine, torch.cat([v.float().flatten() for v in start.state_dict().values()]))\n"
         "s2 = PT.pretrain(cfg, 'resnet18', out, rank=info.rank, world=info.world_size, progress=False, log=lambda *_: None)\n"
         "ok = torch.load(out, map_location='cpu', weights_only=True)['fc.weight'].shape == (20, 512)\n"
-        "print('RESULT', info.rank, s['images_seen'], bool(torch.equal(mine, other)), moved, ok)\n"
+        "print('RESULT', info.rank, s['images_seen'], bool(torch.equal(mine, other)), moved, ok, s2['ranks'], s2['file'] == out)\n"
         "D.shutdown(info)\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     lines = sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("RESULT"))
-    assert lines == [[str(r), str(6 * 8 * 2), "True", "True", "True"] for r in (0, 1)]
+    # the data-parallel run: both ranks identical and trained; pretrain() on CPU: rank 0 trains alone
+    # with every core (pretrain.ranks=auto -> main) and the waiting rank returns the written summary
+    assert lines == [[str(r), str(6 * 8 * 2), "True", "True", "True", "main", "True"] for r in (0, 1)]
