@@ -226,6 +226,10 @@ def train_classifier(cfg: RunConfig, arch: str, *, rank: int = 0, world: int = 1
     Returns the model (identical on every rank) and a summary with the held-out top-1 accuracy."""
     from .runlog import MetricsCSV, git_sha
     pc = cfg.pretrain
+    if pc.batch_size % world:
+        raise ConfigError(f"pretrain.batch_size={pc.batch_size} is the batch of all ranks together: "
+                          f"it must divide evenly over {world} ranks")
+    rank_batch = pc.batch_size // world
     device = device or torch.device("cpu")
     main = rank == 0
     bf16 = use_bf16(pc.precision, device)
@@ -235,7 +239,7 @@ def train_classifier(cfg: RunConfig, arch: str, *, rank: int = 0, world: int = 1
     render_s = time.perf_counter() - t0
     if main:
         log(f"[pretrain] {arch}: rendered {pc.images} + {pc.val_images} images at {pc.size} px "
-            f"in {render_s:.1f} s ({world} rank(s)); {pc.steps} steps x {pc.batch_size} x {world}, "
+            f"in {render_s:.1f} s; {pc.steps} steps x {pc.batch_size} images on {world} rank(s), "
             f"{'bf16' if bf16 else 'fp32'}")
     torch.manual_seed(pc.seed)
     model = build_classifier(arch).to(device).to(memory_format=torch.channels_last)
@@ -256,7 +260,7 @@ def train_classifier(cfg: RunConfig, arch: str, *, rank: int = 0, world: int = 1
     for step in range(pc.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, pc)
-        idx = torch.randint(0, len(labels), (pc.batch_size,), generator=gen)
+        idx = torch.randint(0, len(labels), (rank_batch,), generator=gen)
         x = augment(norm(images[idx]), gen, pad=pc.size // 12).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(x), labels[idx].to(device))
@@ -266,7 +270,7 @@ def train_classifier(cfg: RunConfig, arch: str, *, rank: int = 0, world: int = 1
         loss.backward()
         average_gradients(model, world)
         opt.step()
-        seen += pc.batch_size * world
+        seen += rank_batch * world
         window.append(float(loss.detach()))
         if metrics is not None and ((step + 1) % pc.log_every == 0 or step + 1 == pc.steps):
             elapsed = time.perf_counter() - t_train

@@ -73,6 +73,12 @@ def test_augment_is_a_flip_and_shift_of_the_batch():
     assert torch.equal(PT.augment(x, torch.Generator().manual_seed(1), pad=0).sum(), x.sum())
 
 
+def test_batch_is_global_and_must_split_evenly():
+    cfg = load_config("demo", _tiny_overrides() + ["pretrain.batch_size=9"])
+    with pytest.raises(ConfigError, match="pretrain.batch_size=9"):
+        PT.train_classifier(cfg, "resnet18", rank=0, world=2, progress=False, log=lambda *_: None)
+
+
 def test_rank_sharing_mode():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert PT.sharing("auto", cpu, 2) == "main" and PT.sharing("auto", gpu, 8) == "all"
@@ -175,4 +181,4 @@ def test_two_ranks_train_one_model(tmp_path):
     lines = sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("RESULT"))
     # the data-parallel run: both ranks identical and trained; pretrain() on CPU: rank 0 trains alone
     # with every core (pretrain.ranks=auto -> main) and the waiting rank returns the written summary
-    assert lines == [[str(r), str(6 * 8 * 2), "True", "True", "True", "main", "True"] for r in (0, 1)]
+    assert lines == [[str(r), str(6 * 8), "True", "True", "True", "main", "True"] for r in (0, 1)]
