@@ -75,6 +75,13 @@ def collect(run_dir: Path) -> dict:
             "config": (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""}
 
 
+def backbone_lines(summary: dict) -> list[str]:
+    """One sentence per SynthNet backbone the run pretrained (summary keys pretrain_<arch>_top1)."""
+    return [f"Backbone initialisation: SynthNet {key[len('pretrain_'):-len('_top1')]}, top-1 {value:.1f} % on "
+            f"held-out single-object synthetic images (chance 5.0 %); see pretrain/."
+            for key, value in sorted(summary.items()) if key.startswith("pretrain_") and key.endswith("_top1")]
+
+
 def render_markdown(info: dict) -> str:
     s = info["summary"]
     lines = ["# hsc-fast run report", ""]
@@ -86,6 +93,8 @@ def render_markdown(info: dict) -> str:
             lines.append(f"| {title} | {_pct(s[key])} | {s.get(key.replace('miou', 'split'), '')} |")
     if "seed_best_threshold" in s:
         lines += ["", f"Best background threshold: {s['seed_best_threshold']:.2f}"]
+    for line in backbone_lines(s):
+        lines += ["", line]
     lines += ["", "## Stage times", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in s.get("stage_seconds", {}).items()]
     if info["curve"]:
@@ -107,6 +116,7 @@ def render_html(info: dict) -> str:
              "</head><body><h1>hsc-fast run report</h1>"]
     rows = [["stage", "mIoU (%)"]] + [[t, _pct(s[k])] for k, t in HEADLINES if k in s]
     parts += ["<h2>Headline</h2>", _html_table(rows)]
+    parts += [f"<p>{html.escape(line)}</p>" for line in backbone_lines(s)]
     times = [["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in s.get("stage_seconds", {}).items()]
     parts += ["<h2>Stage times</h2>", _html_table(times)]
     if info["curve"]:

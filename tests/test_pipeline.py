@@ -94,12 +94,14 @@ def test_report_shows_headlines_classes_and_pictures(tmp_path):
         {"miou": 55.5, "iou": {"background": 82.0, "aeroplane": 29.0}, "n_images": 3}))
     (tmp_path / "summary.json").write_text(json.dumps({
         "seed_miou": 51.25, "seed_best_threshold": 0.21, "crf_miou": 55.5, "seed_eval": "seeds/sweep.json",
+        "pretrain_resnet18_top1": 96.5,
         "crf_eval": "seeds/crf_eval.json", "overlay_dirs": ["seeds/overlays"], "stage_seconds": {"sweep": 1.5}}))
     md, page = write_report(tmp_path)
     text = md.read_text()
     assert "| Seeds (best background threshold) | 51.25 |" in text
     assert "| aeroplane | 22.50 | 29.00 |" in text
     assert "Best background threshold: 0.21" in text
+    assert "SynthNet resnet18, top-1 96.5 %" in text and "SynthNet resnet18, top-1 96.5 %" in page.read_text()
     assert "seeds/overlays/2100_000001.jpg" in text and "notes.txt" not in text
     assert "55.50" in page.read_text() and "<table>" in page.read_text()
 
