@@ -31,6 +31,10 @@ def plain_process_env(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
+# The demo preset starts from SynthNet weights; these tests train tiny random-init networks.
+RANDOM_INIT = ["model.allow_random_init=true", "model.frozen_bn=false", "model.freeze_stem=false"]
+
+
 def tiny_cfg(synth, **over):
     sets = [f"data.train={synth / 'VOC2012'}",
             f"data.train_list={synth / 'VOC2012/ImageSets/Segmentation/train_aug.txt'}",
@@ -38,7 +42,7 @@ def tiny_cfg(synth, **over):
             "data.batch_size=2", "data.workers=0", "data.crop_size=64", "data.resize_long=[64,80]",
             "data.view2_size=32", "loss.contrast_size=4", "loss.csc_topk=16", "loss.csc_update_topk=4",
             "loss.psc_topk=1", "loss.crf_iters=3", "train.deterministic=true", "train.keep_last=10",
-            "optim.lr=0.05"]
+            "optim.lr=0.05", *RANDOM_INIT]
     sets += [f"{k.replace('__', '.')}={v}" for k, v in over.items()]
     return load_config("demo", sets)
 
@@ -120,7 +124,7 @@ def test_nonfinite_steps_are_skipped_then_abort_with_checkpoint(synth, tmp_path,
 
 def test_official_optimizer_quirk_and_poly_schedule():
     from hsc_fast.models import build_cam_model
-    cfg = load_config("demo", ["optim.official_momentum_quirk=true", "optim.poly_steps=4", "optim.lr=0.1"])
+    cfg = load_config("demo", ["optim.official_momentum_quirk=true", "optim.poly_steps=4", "optim.lr=0.1", *RANDOM_INIT])
     model = build_cam_model(cfg.model)
     opt = build_optimizer(model, cfg.optim)
     assert effective_momentum(cfg.optim) == cfg.optim.weight_decay == 5e-4
