@@ -318,7 +318,8 @@ def run_ablation(root, base_cfg: RunConfig, variants: Sequence[Variant], force: 
             f"{result['best_threshold']:.2f}, training {result['train_seconds']:.0f} s")
         results.append(result)
     results = completed_results(root.run_dir, base_cfg, results)
-    meta = {"command": command, "dataset": root.data.name, "budget": budget_text(base_cfg),
+    from .runlog import git_sha
+    meta = {"command": command, "dataset": root.data.name, "budget": budget_text(base_cfg), "git_commit": git_sha(),
             "machine": f"start: {machine_start}; end: {machine_text()}",
             "total_seconds": time.perf_counter() - t0,
             "note": "total_seconds covers this invocation only (skipped variants cost nothing)"}
