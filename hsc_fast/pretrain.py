@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torchvision
 
 from . import NUM_FG
-from .config import PretrainConfig, RunConfig, load_config
+from .config import PretrainConfig, RunConfig, load_config, to_dict
 from .errors import ConfigError
 
 PRETRAIN_ARCHS = ("resnet18", "resnet50", "resnet101")
@@ -289,7 +289,7 @@ def train_classifier(cfg: RunConfig, arch: str, *, rank: int = 0, world: int = 1
                "steps": pc.steps, "images_seen": seen, "epochs": seen / pc.images, "images_per_s": seen / train_s,
                "render_seconds": render_s, "train_seconds": train_s, "precision": "bf16" if bf16 else "fp32",
                "world_size": world, "device": str(device), "git_commit": git_sha(),
-               "config": {k: getattr(pc, k) for k in pc.__dataclass_fields__}}
+               "config": to_dict(pc)}
     return model, summary
 
 
