@@ -1,5 +1,6 @@
 """Dense-CRF benchmark: pydensecrf (1 core, N-process pool) vs the ``gpu`` lattice backend, and the
-16x16 training CRF (pydensecrf per image vs hsc_fast.crf_dense batched).
+16x16 training CRF per training step (``loss.train_crf_backend``: pydensecrf per-image loop, dense
+batched, lattice batched; on CUDA also dense and lattice on the GPU).
 
     python benchmarks/bench_crf.py [--quick] [--workers N] [--out benchmarks/results/crf]
 
@@ -12,7 +13,10 @@ one-hot + smooth noise (the DEEPLAB_TEST preset).
 Columns: seconds per image (pydensecrf on 1 core, pydensecrf over a pool of N processes as
 throughput, gpu backend -- torch CPU path with 1 thread here, CUDA when present), pixel agreement
 of the gpu backend's argmax with pydensecrf's, and mIoU against ground truth of no CRF / each
-backend. Writes ``<out>.json`` (records + device, versions, shapes, git sha) and ``<out>.md``.
+backend. Training-CRF records (case train_crf_16x16, one per backend and device): median seconds
+per training step (2 views x 12 images, one call per view as the Trainer makes them) and the
+pixels that differ from pydensecrf's labels. Writes ``<out>.json`` (records + device, versions,
+shapes, git sha) and ``<out>.md``.
 """
 from __future__ import annotations
 
@@ -171,11 +175,8 @@ def run_case(case: str, samples, preset, workers: int, gpu_batch: int, pool_repe
     return records + [timing]
 
 
-def run_train_crf(samples, n_images: int) -> dict:
-    """HSC's per-step 16x16 CRF: 2 views x batch 12 = 24 label maps."""
-    import torch  # noqa: PLC0415
-    from hsc_fast.crf_dense import dense_crf_labels  # noqa: PLC0415
-
+def _train_crf_inputs(samples, n_images: int):
+    """n_images 16x16 (image, noisy label map) pairs from the fixture/synthetic photos."""
     rng = np.random.default_rng(1)
     imgs, labs = [], []
     for k in range(n_images):
@@ -186,23 +187,63 @@ def run_train_crf(samples, n_images: int) -> dict:
         lab = np.where(rng.random((16, 16)) < 0.2, rng.choice(present, (16, 16)), lab).astype(np.int64)
         imgs.append(small)
         labs.append(lab)
-    ref, t_ref = timed(lambda: [crf_labels(im, lab, NUM_CLASSES, gt_prob=0.7, **TRAIN.kwargs())
-                                for im, lab in zip(imgs, labs)])
-    kw = TRAIN.kwargs()
-    img_t = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
-    lab_t = torch.from_numpy(np.stack(labs))
-    out = {"case": "train_crf_16x16", "subset": "mixed", "n_images": n_images, "preset": kw,
-           "pydensecrf_1core_s_per_step": round(t_ref, 5)}
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for dev in devices:
+    return np.stack(imgs), np.stack(labs)
+
+
+def _median_time(fn, repeats: int, sync) -> tuple[object, float]:
+    out, times = None, []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return out, float(np.median(times))
+
+
+def run_train_crf(samples, n_images: int, repeats: int) -> list[dict]:
+    """HSC's per-step 16x16 CRF (loss.train_crf_backend): 2 views x batch 12 = 24 label maps, run as
+    the Trainer does (one call per view, 12 images each) through hsc_fast.crf_train.train_crf_fn.
+    One record per backend and device: median seconds per training step over `repeats` steps,
+    pixel agreement with pydensecrf (the authors' per-image loop)."""
+    import torch  # noqa: PLC0415
+    from hsc_fast.crf_lattice import cupy_available, lattice_crf_labels  # noqa: PLC0415
+    from hsc_fast.crf_train import train_crf_fn  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    imgs, labs = _train_crf_inputs(samples, n_images)
+    kw = dict(n_labels=NUM_CLASSES, gt_prob=0.7, **TRAIN.kwargs())
+    img_t = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+    lab_t = torch.from_numpy(labs)
+    half = n_images // 2
+    variants = [("pydensecrf", "cpu", train_crf_fn("pydensecrf")), ("dense", "cpu", train_crf_fn("dense")),
+                ("lattice", "cpu", train_crf_fn("lattice"))]
+    if torch.cuda.is_available():
+        variants += [("dense", "cuda", train_crf_fn("dense")), ("lattice", "cuda", train_crf_fn("lattice")),
+                     ("lattice_sort_build", "cuda", lambda i, l, **p: lattice_crf_labels(i, l, build="sort", **p))]
+    ref = None
+    records = []
+    for backend, dev, fn in variants:
         img_d, lab_d = img_t.to(dev), lab_t.to(dev)
-        dense_crf_labels(img_d, lab_d, **kw)                                        # warm-up
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        res, t = timed(lambda: dense_crf_labels(img_d, lab_d, **kw).cpu())
-        out[f"dense_{dev}_s_per_step"] = round(t, 5)
-        out[f"dense_{dev}_agreement_vs_pydensecrf"] = round(float((res.numpy() == np.stack(ref)).mean()), 5)
-    return out
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+        def step():  # one call per view, as contrast_inputs does
+            return torch.cat([fn(img_d[:half], lab_d[:half], **kw), fn(img_d[half:], lab_d[half:], **kw)]).cpu()
+
+        step()                                                                   # warm-up (CUDA init, kernels)
+        out, t = _median_time(step, repeats, sync)
+        out = out.numpy()
+        ref = out if ref is None else ref                                          # pydensecrf comes first
+        rec = {"case": "train_crf_16x16", "subset": "mixed", "n_images": n_images, "preset": TRAIN.kwargs(),
+               "backend": backend, "device": dev, "calls_per_step": 2, "images_per_call": half,
+               "s_per_step": round(t, 5), "ms_per_image": round(1000 * t / n_images, 3),
+               "agreement_vs_pydensecrf": round(float((out == ref).mean()), 6),
+               "pixels_differing_from_pydensecrf": int((out != ref).sum()), "pixels": int(out.size),
+               "labels_changed_by_crf": int((out != labs).sum())}
+        if backend.startswith("lattice") and dev == "cuda":
+            rec["lattice_build"] = "sort" if backend.endswith("sort_build") else ("hash" if cupy_available() else "sort")
+        records.append(rec)
+    return records
 
 
 # ---------------------------------------------------------------------------------------- meta
@@ -260,8 +301,10 @@ def main(argv=None) -> int:
         records += run_case(case, samples, preset, args.workers, args.gpu_batch, pool_repeat=1 if args.quick else 3,
                             batched=not args.quick or _gpu_device() == "cuda")
         print(json.dumps(records[-1]), flush=True)
-    records.append(run_train_crf(samples, 24))
-    print(json.dumps(records[-1]), flush=True)
+    train_records = run_train_crf(samples, 24, repeats=5 if args.quick else 20)
+    records += train_records
+    for rec in train_records:
+        print(json.dumps(rec), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1, default=str) + "\n")

@@ -15,8 +15,8 @@ Unaries follow pydensecrf.utils: ``crf_inference`` takes probabilities and uses
 ``unary_from_labels(..., zero_unsure=False)`` (every value, 0 included, is a real class).
 
 Presets (``CrfParams``): ``INFERENCE`` (seeds -> pseudo-labels, SEAM/PSA/HSC README),
-``DEEPLAB_TEST`` (DeepLab test-time CRF), ``TRAIN`` (HSC's 16x16 training CRF; the batched exact
-version of it is hsc_fast.crf_dense).
+``DEEPLAB_TEST`` (DeepLab test-time CRF), ``TRAIN`` (HSC's 16x16 training CRF; its batched backends,
+``loss.train_crf_backend``, are in hsc_fast.crf_train).
 
 This module imports torch only inside the ``gpu`` backend, so pool workers start light.
 """

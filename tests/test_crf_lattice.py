@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from hsc_fast.crf import DEEPLAB_TEST, INFERENCE, crf_batch, crf_inference, unary_from_probs
-from hsc_fast.crf_lattice import (PermutohedralLattice, crf_features, cupy_available, lattice_crf_batch,
-                                  lattice_crf_tensor, normalized_filter)
+from hsc_fast.crf_lattice import (PermutohedralLattice, batched_crf_features, crf_features, cupy_available,
+                                  lattice_crf_batch, lattice_crf_labels, lattice_crf_tensor, normalized_filter)
 from hsc_fast.errors import DataError
 from test_crf import smooth_probs
 
@@ -160,3 +160,124 @@ def test_cuda_hash_build_equals_sort_build(fixtures_dir):
         assert hashed.n_points == sorted_.n_points
         values = torch.rand(feats.shape[0], 7, device="cuda")
         torch.testing.assert_close(hashed.filter(values), sorted_.filter(values), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# The batched training CRF (loss.train_crf_backend: lattice) against pydensecrf
+# --------------------------------------------------------------------------------------------
+TRAIN_KW = dict(iters=10, gauss_sxy=3, gauss_compat=3, bi_sxy=50, bi_srgb=5, bi_compat=10)
+
+
+def _pydensecrf_train_labels(images, labels):
+    """The authors' crf_inference_label per image, with pydensecrf's own unary_from_labels."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_labels
+
+    out = []
+    for img, lab in zip(images, labels):
+        h, w = lab.shape
+        crf = dcrf.DenseCRF2D(w, h, 21)
+        crf.setUnaryEnergy(unary_from_labels(lab.astype(np.uint8), 21, gt_prob=0.7, zero_unsure=False))
+        crf.addPairwiseGaussian(sxy=3, compat=3)
+        crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=np.ascontiguousarray(img), compat=10)
+        out.append(np.array(crf.inference(10)).reshape(21, h, w).argmax(0))
+    return np.stack(out)
+
+
+def _batched(images, labels, **kw):
+    return lattice_crf_labels(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2),
+                              torch.from_numpy(labels).long(), n_labels=21, gt_prob=0.7, **{**TRAIN_KW, **kw}).numpy()
+
+
+def _random_train_inputs(n, seed):
+    """16x16 inputs of several kinds: blocky colour regions with noisy labels, uniform noise,
+    a few quantised colours, near-constant images, labels with 1-21 classes."""
+    from test_crf_dense import _blocky
+
+    rng = np.random.default_rng(seed)
+    parts = [_blocky(n // 4, seed)]
+    noise = rng.integers(0, 256, (n // 4, 16, 16, 3), dtype=np.uint8)
+    parts.append((noise, rng.choice(rng.choice(21, 3, replace=False), (n // 4, 16, 16))))
+    quant = (rng.integers(0, 4, (n // 4, 16, 16, 3)) * 85).astype(np.uint8)
+    parts.append((quant, np.where(quant[..., 0] > 100, 20, rng.integers(0, 21, (n // 4, 16, 16)))))
+    flat = np.clip(rng.integers(60, 200, (n // 4, 1, 1, 3)) + rng.normal(0, 2, (n // 4, 16, 16, 3)), 0, 255)
+    parts.append((flat.astype(np.uint8), rng.integers(0, 21, (n // 4, 16, 16))))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def test_training_crf_gives_pydensecrf_labels_on_random_inputs():
+    images, labels = _random_train_inputs(240, seed=21)
+    ref = _pydensecrf_train_labels(images, labels)
+    ours = _batched(images, labels)
+    assert (ref != labels).mean() > 0.05                     # the CRF really changes these labels
+    assert int((ours != ref).sum()) == 0, f"{int((ours != ref).sum())} of {ref.size} pixels differ"
+
+
+def test_training_crf_gives_pydensecrf_labels_on_real_photo_crops(fixtures_dir):
+    from test_crf_dense import _noisy_real_crops
+
+    images, labels = _noisy_real_crops(fixtures_dir, 240, seed=22)
+    ref = _pydensecrf_train_labels(images, labels)
+    ours = _batched(images, labels)
+    assert (ref != labels).mean() > 0.05
+    assert int((ours != ref).sum()) == 0, f"{int((ours != ref).sum())} of {ref.size} pixels differ"
+
+
+def test_batched_features_equal_per_image_features_and_batch_equals_single_images():
+    images, labels = _random_train_inputs(8, seed=23)
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2)
+    for sxy, srgb in ((3, None), (50, 5)):
+        per_image = torch.cat([crf_features(torch.from_numpy(im), sxy, srgb) for im in images])
+        assert torch.equal(batched_crf_features(batch, sxy, srgb), per_image)
+    together = _batched(images, labels)
+    for i in range(len(images)):
+        assert np.array_equal(together[i], _batched(images[i:i + 1], labels[i:i + 1])[0])
+    assert together.dtype == np.int64
+    assert np.array_equal(_batched(images, labels, iters=0), labels)   # zero iterations: the argmax of the unary
+    empty = lattice_crf_labels(torch.zeros(0, 3, 16, 16, dtype=torch.uint8), torch.zeros(0, 16, 16, dtype=torch.long))
+    assert empty.shape == (0, 16, 16)
+
+
+def test_training_crf_backends_and_their_config_key():
+    from hsc_fast.config import load_config
+    from hsc_fast.crf_train import TRAIN_CRF_BACKENDS, train_crf_fn
+    from hsc_fast.errors import ConfigError
+
+    for preset in ("hsc_eps_official", "hsc_paper", "demo", "configs/ablation/demo.yaml"):
+        assert load_config(preset).loss.train_crf_backend == "lattice", preset
+    with pytest.raises(ConfigError, match="loss.train_crf_backend"):
+        load_config("hsc_eps_official", ["loss.train_crf_backend=exact"])
+    with pytest.raises(ConfigError, match="loss.train_crf_backend"):
+        train_crf_fn("exact")
+    images, labels = _random_train_inputs(12, seed=24)
+    img_t, lab_t = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
+    kw = dict(n_labels=21, gt_prob=0.7, **TRAIN_KW)
+    ref = _pydensecrf_train_labels(images, labels)
+    outs = {b: train_crf_fn(b)(img_t, lab_t, **kw) for b in TRAIN_CRF_BACKENDS}
+    assert np.array_equal(outs["pydensecrf"].numpy(), ref) and np.array_equal(outs["lattice"].numpy(), ref)
+    assert all(o.dtype == torch.int64 and o.shape == lab_t.shape for o in outs.values())
+    # bf16 autocast (the engine's, here on CPU) must not reach the filters
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for b in ("lattice", "dense"):
+            assert torch.equal(train_crf_fn(b)(img_t, lab_t, **kw), outs[b]), b
+
+
+def test_training_crf_bad_inputs():
+    img = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    lab = torch.zeros(2, 16, 16, dtype=torch.long)
+    with pytest.raises(DataError, match="uint8"):
+        lattice_crf_labels(img.float(), lab)
+    with pytest.raises(DataError, match="labels"):
+        lattice_crf_labels(img, lab[:1])
+    with pytest.raises(DataError, match=r"\[0, 20\]"):
+        lattice_crf_labels(img, lab + 21)
+
+
+@pytest.mark.cuda
+def test_training_crf_on_cuda_equals_cpu():
+    images, labels = _random_train_inputs(24, seed=25)
+    cpu = _batched(images, labels)
+    gpu = lattice_crf_labels(torch.from_numpy(images).permute(0, 3, 1, 2).cuda(), torch.from_numpy(labels).cuda(),
+                             n_labels=21, gt_prob=0.7, **TRAIN_KW)
+    assert gpu.device.type == "cuda"
+    assert np.array_equal(gpu.cpu().numpy(), cpu)

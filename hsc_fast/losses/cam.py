@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .. import BG_INDEX, NUM_CLASSES, NUM_FG
 from ..ops import upcast, LossInputError
+from ..precision import fp32_losses
 
 CAM_EPS = 1e-5  # the official min-max normalisation epsilon
 
@@ -77,6 +78,7 @@ def resize_to_contrast(x: torch.Tensor, contrast_size: int, view1: torch.Tensor 
     return resize_to(x, contrast_hw(contrast_size, x if view1 is None else view1))
 
 
+@fp32_losses
 def classification_loss(cam: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Multilabel soft-margin on the global average pool of the 20 foreground channels."""
     check_cam("cam", cam)
@@ -85,11 +87,14 @@ def classification_loss(cam: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 
 def crf_images(img: torch.Tensor, size: tuple[int, int], mean, std) -> torch.Tensor:
-    """The training-CRF image: a normalised (N,3,H,W) image resized (bilinear, align_corners)
-    to `size`, de-normalised to 0..255 and truncated to uint8 like the official astype(uint8)
-    (clamped first: out-of-range values would wrap there)."""
-    small = resize_to(upcast(img.detach()), size)
-    mean_t = torch.tensor(mean, dtype=small.dtype, device=small.device)[None, :, None, None] * 255
-    std_t = torch.tensor(std, dtype=small.dtype, device=small.device)[None, :, None, None] * 255
-    pixels = small * std_t + mean_t
-    return pixels.clamp(0, 255).floor().to(torch.uint8)
+    """The training-CRF image, computed as the authors do: the normalised (N,3,H,W) float32 image
+    resized on the CPU (bilinear, align_corners) to `size`, then ``x * std255 + mean255`` in
+    float32 with the constants multiplied in Python first (``float32(0.224 * 255)``, not
+    ``float32(0.224) * 255``: the green one differs by 1 ulp, enough to move a pixel by one grey
+    level), truncated to uint8 like their ``astype(np.uint8)`` (clamped first: out-of-range values
+    would wrap there). Returned on `img`'s device. tests/test_official_step.py pins a known input."""
+    small = resize_to(upcast(img.detach()).cpu(), size)   # CPU: CUDA's bilinear kernel may round differently
+    mean255 = torch.tensor([float(m) * 255 for m in mean], dtype=torch.float32)[None, :, None, None]
+    std255 = torch.tensor([float(s) * 255 for s in std], dtype=torch.float32)[None, :, None, None]
+    pixels = small.float() * std255 + mean255
+    return pixels.clamp(0, 255).floor().to(torch.uint8).to(img.device)
