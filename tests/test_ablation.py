@@ -7,6 +7,7 @@ import pytest
 
 from hsc_fast import ablation as A
 from hsc_fast.config import load_config
+from hsc_fast.engine import check_geometry
 from hsc_fast.errors import ConfigError
 from hsc_fast.pipeline import Context, Dataset
 
@@ -24,6 +25,7 @@ TABLE4 = {"seam":             ("seam",     0, 0, 0, 0, 0, 0, 55.4),
           "seam_psc_csc":     ("hsc_seam", 1, 1, 0, 1, 0, 0, 60.5),
           "seam_psc_csc_rsc": ("hsc_seam", 1, 1, 1, 1, 0, 0, 62.6),
           "hsc_seam":         ("hsc_seam", 1, 1, 1, 1, 1, 1, 64.3),
+          "hsc_seam_paper":   ("hsc_seam", 1, 1, 1, 1, 1, 1, None),   # + loss.formulation=paper
           "eps":              ("eps",      0, 0, 0, 0, 0, 0, 69.2),
           "hsc_eps":          ("hsc_eps",  1, 1, 1, 1, 1, 1, 71.8)}
 
@@ -36,6 +38,10 @@ def test_variants_are_exactly_the_table_rows(base_cfg):
         assert cfg.loss.method == method
         assert [getattr(cfg.loss, k) for k in A.TOGGLES] == [bool(f) for f in flags], v.name
         assert v.paper_seed == paper
+        assert cfg.loss.formulation == ("paper" if v.name == "hsc_seam_paper" else "code"), v.name
+    paper = A.variant_config(base_cfg, A.VARIANT_BY_NAME["hsc_seam_paper"])
+    assert paper.loss.csc_topk == 4   # k_c per image (eq. 6): the paper's 16 of 16x16 -> 4 of 8x8
+    check_geometry(paper)
 
 
 def test_variants_differ_from_the_shared_config_only_in_the_loss_switches(base_cfg):
@@ -47,7 +53,8 @@ def test_variants_differ_from_the_shared_config_only_in_the_loss_switches(base_c
             if section != "loss":
                 assert d[section] == base[section], (v.name, section)
         changed = {k for k in base["loss"] if base["loss"][k] != d["loss"][k]}
-        assert changed <= {"method", *A.TOGGLES}, (v.name, changed)
+        allowed = {"method", *A.TOGGLES} | ({"formulation", "csc_topk"} if v.formulation == "paper" else set())
+        assert changed <= allowed, (v.name, changed)
     digests = {A.config_digest(A.variant_config(base_cfg, v)) for v in A.VARIANTS}
     assert len(digests) == len(A.VARIANTS)
 

@@ -7,6 +7,7 @@ Methods (LossConfig.method), all two-view (view 2 = view 1 resized) as the autho
   hsc_seam  seam + RSC + CSC + PSC;  hsc_eps  eps + RSC + CSC + PSC (the official run)
 Ablation switches: use_rsc / use_csc / use_psc, cross_supervision, momentum_prototypes,
 train_crf (CRF-refined pseudo-labels for RSC/PSC; off: the argmax labels).
+formulation: the HSC equations of the authors' code (hsc.py) or of the paper (hsc_paper.py).
 """
 from __future__ import annotations
 
@@ -16,27 +17,29 @@ import torch
 
 from ..errors import ConfigError
 from ..ops import upcast, LossInputError
+from ..precision import fp32_losses
 from ..prototypes import DistContext, PrototypeBanks
 from .baselines import adaptive_min_pooling_loss, eps_saliency_loss, ppc_loss, seam_er_ecr
 from .cam import (classification_loss, contrast_hw, crf_images, normalize_cam, pseudo_labels,
                   resize_to)
-from .hsc import csc_loss, psc_loss, rsc_loss
+from .hsc_paper import hsc_losses
 
 METHODS = ("seam", "eps", "ppc_seam", "ppc_eps", "hsc_seam", "hsc_eps")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def default_crf_fn():
-    from ..crf_dense import dense_crf_labels  # lazy: tests and CRF-free runs never import it
-    return dense_crf_labels
+def default_crf_fn(backend: str = "lattice"):
+    """The training CRF of `loss.train_crf_backend` (lattice | dense | pydensecrf; hsc_fast.crf_train)."""
+    from ..crf_train import train_crf_fn  # lazy: tests and CRF-free runs never import it
+    return train_crf_fn(backend)
 
 
 def _refined_labels(cam_map, label, images, cfg, crf_fn):
     labels = pseudo_labels(cam_map, label)
     if not cfg.train_crf:
         return labels
-    crf_fn = crf_fn or default_crf_fn()
+    crf_fn = crf_fn or default_crf_fn(cfg.train_crf_backend)
     out = crf_fn(images, labels, n_labels=cam_map.shape[1], gt_prob=cfg.crf_gt_prob, iters=cfg.crf_iters,
                  gauss_sxy=cfg.crf_gauss_sxy, gauss_compat=cfg.crf_gauss_compat, bi_sxy=cfg.crf_bi_sxy,
                  bi_srgb=cfg.crf_bi_srgb, bi_compat=cfg.crf_bi_compat)
@@ -92,6 +95,7 @@ def _bank_dict(banks) -> dict[str, torch.Tensor]:
     raise LossInputError(f"banks: expected PrototypeBanks or a dict of tensors, got {type(banks).__name__}")
 
 
+@fp32_losses
 def method_losses(out1: dict, out2: dict, batch: dict, banks, cfg, crf_fn: Optional[Callable] = None, *,
                   dist_ctx: Optional[DistContext] = None, img_mean=IMAGENET_MEAN, img_std=IMAGENET_STD,
                   generator: Optional[torch.Generator] = None):
@@ -116,6 +120,7 @@ def method_losses(out1: dict, out2: dict, batch: dict, banks, cfg, crf_fn: Optio
                                 cfg, impl=cfg.impl, generator=generator)
     if base == "hsc":
         kw = dict(impl=cfg.impl, dist_ctx=dist_ctx)
+        rsc_loss, csc_loss, psc_loss = hsc_losses(cfg.formulation)  # code | paper (hsc_paper.py)
         if cfg.use_rsc:
             terms["rsc"], new["rsc1"], new["rsc2"] = rsc_loss(
                 c["feat_rsc1"], c["feat_rsc2"], c["y1"], c["y2"], old["rsc1"], old["rsc2"], cfg, **kw)
