@@ -93,6 +93,8 @@ class PretrainConfig:
 class LossConfig:
     method: str = _f("hsc_eps", "seam | eps | ppc_seam | ppc_eps | hsc_seam | hsc_eps")
     impl: str = _f("auto", "loss kernels: auto (Triton on CUDA) | triton | torch")
+    formulation: str = _f("code", "HSC equations: code (the authors' code, the published numbers) | paper "
+                                  "(the paper's eq. 3-13; README 'Two formulations')")
     tau: float = _f(0.1, "InfoNCE temperature")
     bg_threshold: float = _f(0.10, "constant background score of the normalised CAM")
     contrast_size: int = _f(16, "resolution of the contrast maps (0 = feature resolution)")
@@ -102,13 +104,20 @@ class LossConfig:
     cross_supervision: bool = _f(True, "cross-view terms (paper Table 4 'CS')")
     momentum_prototypes: bool = _f(True, "momentum prototype term in PSC (Table 4 'MPL')")
     train_crf: bool = _f(True, "refine training pseudo-labels with the dense CRF")
+    train_crf_backend: str = _f("lattice", "training CRF: lattice (permutohedral, batched on the training device: "
+                                "pydensecrf's labels, as the authors) | dense (exact Gaussian kernels, batched: "
+                                "not the authors' CRF, ~99 % of their labels) | pydensecrf (the authors' "
+                                "per-image CPU loop)")
     rsc_weight: float = _f(0.1, "weight of RSC")
     csc_weight: float = _f(0.1, "weight of CSC")
     psc_weight: float = _f(0.1, "weight of PSC")
-    rsc_normalize: str = _f("width", "RSC feature normalisation axis: width (official bug) | channel")
-    rsc_momentum: float = _f(0.5, "RSC bank EMA weight of the new value")
-    csc_topk: int = _f(128, "CSC batch-wide top-k pixels per class (class vector)")
-    csc_update_topk: int = _f(16, "CSC top-k pixels used for the bank update")
+    rsc_normalize: str = _f("width", "RSC feature normalisation axis: width (official bug) | channel "
+                                     "(formulation code only: the paper's eq. 3 pools the features as they are)")
+    rsc_momentum: float = _f(0.5, "RSC bank EMA weight of the new value (formulation code only: the paper has no ROI bank)")
+    csc_topk: int = _f(128, "CSC top-k pixels per class (class vector): batch-wide (formulation code) | "
+                            "per image, k_c of eq. 6 (formulation paper)")
+    csc_update_topk: int = _f(16, "CSC top-k pixels used for the bank update (formulation code only: "
+                                  "eq. 7 updates with the class vector itself)")
     csc_momentum: float = _f(0.5, "CSC bank EMA weight of the new value")
     psc_topk: int = _f(16, "PSC batch-wide top-k pixels per class (prototypes)")
     psc_momentum: float = _f(0.5, "PSC bank EMA weight of the new value")
@@ -136,10 +145,11 @@ class LossConfig:
 
     @classmethod
     def paper(cls, **kw) -> "LossConfig":
-        """The values the paper states: k_c=16, k_p=32, lambda=0.9, channel-wise normalisation,
-        contrast at feature resolution."""
-        base = dict(rsc_normalize="channel", csc_topk=16, csc_update_topk=16, psc_topk=32,
-                    rsc_momentum=0.9, csc_momentum=0.9, psc_momentum=0.9, contrast_size=0)
+        """The paper's equations (formulation paper) with the values it states: k_c=16 (per
+        image), k_p=32, lambda=0.9; contrast at 16x16 ("the pseudo-labels and corresponding pixel
+        representations are down-sampled before PSC"); as configs/hsc_paper.yaml."""
+        base = dict(formulation="paper", rsc_normalize="channel", csc_topk=16, csc_update_topk=16, psc_topk=32,
+                    rsc_momentum=0.9, csc_momentum=0.9, psc_momentum=0.9, contrast_size=16)
         base.update(kw)
         return cls(**base)
 
@@ -168,7 +178,10 @@ class TrainConfig:
     tensorboard: bool = _f(True, "write TensorBoard events")
     image_every: int = _f(0, "write CAM pictures every N steps (0: off)")
     ds_config: str = _f("", "DeepSpeed engine JSON (ZeRO stage, bf16, grad accumulation, clipping); '' = ZeRO 0 fp32")
-    bf16_autocast: bool = _f(True, "bf16 autocast of forward + losses on CUDA (ignored on CPU)")
+    bf16_autocast: bool = _f(True, "bf16 autocast of the network forward on CUDA; the losses, prototypes and CRF "
+                                   "always compute in fp32 (ignored on CPU)")
+    cpu_bf16_autocast: bool = _f(False, "bf16 autocast of the network forward on CPU too (CPUs with AMX / "
+                                        "AVX512-BF16; the losses stay fp32)")
 
 
 @dataclass
@@ -360,7 +373,9 @@ _CHOICES = {
     "model.rsc_proj": ("official", "paper"),
     "loss.method": ("seam", "eps", "ppc_seam", "ppc_eps", "hsc_seam", "hsc_eps"),
     "loss.impl": ("auto", "triton", "torch"),
+    "loss.formulation": ("code", "paper"),
     "loss.rsc_normalize": ("width", "channel"),
+    "loss.train_crf_backend": ("lattice", "dense", "pydensecrf"),
     "seeds.crf_backend": ("pydensecrf", "gpu"),
     "pretrain.precision": ("auto", "fp32", "bf16"),
     "pretrain.ranks": ("auto", "all", "main"),

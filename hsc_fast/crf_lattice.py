@@ -210,107 +210,61 @@ def _build_sorted(codes: torch.Tensor, deltas: list[int]):
     return inverse.reshape(codes.shape), neighbours, m
 
 
-_CUDA_SOURCE = r"""
-#define EMPTY_KEY 0xFFFFFFFFFFFFFFFFull
+def cupy_available(device: torch.device | None = None) -> bool:
+    """True when the CuPy hash build is proven on this machine: CuPy imports, sees a CUDA device,
+    its NVRTC compiles the hash kernels, and a small lattice built with them equals the sort build
+    (checked once per device; a failure warns once, is recorded with the kernel self-checks,
+    and the sort build is used). CuPy is the optional ``gpu-cu12`` / ``gpu-cu13`` extra."""
+    from kernels import lattice_hash  # noqa: PLC0415 - CuPy glue, imported when asked for
 
-__device__ __forceinline__ unsigned long long mix64(unsigned long long x) {
-    x ^= x >> 33; x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ull;
-    x ^= x >> 33; return x;
-}
-
-// Insert every code; slots[i] = the table slot holding codes[i] (linear probing, atomicCAS).
-extern "C" __global__ void lattice_insert(const long long* __restrict__ codes, const long long n,
-                                          unsigned long long* table, const long long mask,
-                                          long long* __restrict__ slots) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const unsigned long long key = (unsigned long long)codes[i];
-    unsigned long long h = mix64(key) & (unsigned long long)mask;
-    while (true) {
-        const unsigned long long prev = atomicCAS(&table[h], EMPTY_KEY, key);
-        if (prev == EMPTY_KEY || prev == key) { slots[i] = (long long)h; return; }
-        h = (h + 1) & (unsigned long long)mask;
-    }
-}
-
-// out[i] = dense id of queries[i], or `missing` when it is not in the table.
-extern "C" __global__ void lattice_lookup(const long long* __restrict__ queries, const long long n,
-                                          const unsigned long long* __restrict__ table, const long long mask,
-                                          const long long* __restrict__ dense_ids, const long long missing,
-                                          long long* __restrict__ out) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const unsigned long long key = (unsigned long long)queries[i];
-    unsigned long long h = mix64(key) & (unsigned long long)mask;
-    while (true) {
-        const unsigned long long k = table[h];
-        if (k == key) { out[i] = dense_ids[h]; return; }
-        if (k == EMPTY_KEY) { out[i] = missing; return; }
-        h = (h + 1) & (unsigned long long)mask;
-    }
-}
-"""
-_CUDA_MODULE = None
-_THREADS = 256
-
-
-def cupy_available() -> bool:
-    """True when CuPy imports and sees a CUDA device (CuPy is the optional ``gpu`` extra)."""
-    try:
-        import cupy  # noqa: PLC0415 - optional dependency, imported lazily
-    except ImportError:
+    if not lattice_hash.cupy_sees_a_gpu():
         return False
-    try:
-        return bool(cupy.cuda.is_available())
-    except Exception:  # a broken driver install must not break the CPU path
-        return False
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else device
+    return _hash_build_verified(device)
 
 
-def _cuda_kernels():
-    global _CUDA_MODULE
-    if _CUDA_MODULE is None:
-        import cupy  # noqa: PLC0415
-        _CUDA_MODULE = cupy.RawModule(code=_CUDA_SOURCE)
-    return _CUDA_MODULE.get_function("lattice_insert"), _CUDA_MODULE.get_function("lattice_lookup")
+_HASH_VERDICTS: dict[str, bool] = {}
+
+
+def _hash_build_verified(device: torch.device) -> bool:
+    """Compile and run the hash build once on `device`; compare with the sort build."""
+    from hsc_fast import kernel_check  # noqa: PLC0415
+
+    key = str(device)
+    if key in _HASH_VERDICTS:
+        return _HASH_VERDICTS[key]
+    result = kernel_check.run_lattice_hash_check(device, _compare_hash_and_sort_builds)
+    kernel_check.record(result)
+    _HASH_VERDICTS[key] = result.ok
+    return result.ok
+
+
+def _compare_hash_and_sort_builds(device: torch.device) -> float:
+    """max |filter(hash) - filter(sort)| / max |filter(sort)| on a small random bilateral lattice."""
+    g = torch.Generator().manual_seed(7)
+    features = (torch.rand(300, 5, generator=g) * 6).to(device)
+    ids = torch.randint(0, 2, (300,), generator=g).to(device)
+    values = torch.rand(300, 3, generator=g).to(device)
+    hashed = PermutohedralLattice(features, ids, build="hash").filter(values)
+    sorted_ = PermutohedralLattice(features, ids, build="sort").filter(values)
+    return float((hashed - sorted_).abs().max() / sorted_.abs().max().clamp_min(1e-30))
 
 
 def _build_hashed(codes: torch.Tensor, deltas: list[int]):
-    import cupy  # noqa: PLC0415
-
-    insert, lookup = _cuda_kernels()
-    flat = codes.reshape(-1).contiguous()
-    n = flat.numel()
-    capacity = 1 << max(10, (2 * n - 1).bit_length())     # load factor <= 1/2
-    table = torch.full((capacity,), -1, dtype=torch.long, device=codes.device)   # all bits set = empty
-    slots = torch.empty(n, dtype=torch.long, device=codes.device)
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(codes.device).cuda_stream)
-    with cupy.cuda.Device(codes.device.index or 0), stream:
-        insert(((n + _THREADS - 1) // _THREADS,), (_THREADS,),
-               (cupy.from_dlpack(flat), np.int64(n), cupy.from_dlpack(table), np.int64(capacity - 1),
-                cupy.from_dlpack(slots)))
-    occupied = table != -1
-    dense_ids = torch.cumsum(occupied.long(), 0) - 1
-    m = int(occupied.sum())
-    keys = table[occupied]                               # codes of the vertices, in dense-id order
-    queries = torch.stack([torch.stack([keys + delta, keys - delta]) for delta in deltas]).reshape(-1).contiguous()
-    found = torch.empty_like(queries)
-    with cupy.cuda.Device(codes.device.index or 0), stream:
-        lookup(((queries.numel() + _THREADS - 1) // _THREADS,), (_THREADS,),
-               (cupy.from_dlpack(queries), np.int64(queries.numel()), cupy.from_dlpack(table),
-                np.int64(capacity - 1), cupy.from_dlpack(dense_ids), np.int64(m), cupy.from_dlpack(found)))
-    neighbours = torch.full((len(deltas), 2, m + 1), m, dtype=torch.long, device=codes.device)
-    neighbours[:, :, :m] = found.reshape(len(deltas), 2, m)
-    return dense_ids[slots].reshape(codes.shape), neighbours, m
+    from kernels.lattice_hash import hash_build  # noqa: PLC0415
+    return hash_build(codes, deltas)
 
 
 def _resolve_build(build: str, device: torch.device) -> str:
     if build not in ("auto", "sort", "hash"):
         raise ConfigError(f"crf lattice build: expected 'auto', 'sort' or 'hash', got {build!r}")
     if build == "auto":
-        return "hash" if device.type == "cuda" and cupy_available() else "sort"
-    if build == "hash" and not (device.type == "cuda" and cupy_available()):
-        raise ConfigError("crf lattice build='hash' needs a CUDA tensor and CuPy (pip install hsc-fast[gpu])")
+        return "hash" if device.type == "cuda" and cupy_available(device) else "sort"
+    if build == "hash":
+        from kernels.lattice_hash import cupy_sees_a_gpu  # noqa: PLC0415
+        if not (device.type == "cuda" and cupy_sees_a_gpu()):
+            raise ConfigError("crf lattice build='hash' needs a CUDA tensor and CuPy for your CUDA "
+                              "(pip install hsc-fast[gpu-cu12] or hsc-fast[gpu-cu13], per torch.version.cuda)")
     return build
 
 
@@ -350,7 +304,11 @@ class PermutohedralLattice:
         """
         grid = self._splat @ values.float()                # (M+1, C); last row stays 0 ("no neighbour")
         for j in (range(self.d, -1, -1) if reverse else range(self.d + 1)):
-            grid = grid + 0.5 * (grid[self.neighbours[j, 0]] + grid[self.neighbours[j, 1]])
+            # grid + 0.5 * (n1 + n2), rounded exactly so, with index_select and in-place ops
+            # (bit-identical to grid[idx] and out-of-place arithmetic, ~1.6x faster on CPU)
+            blurred = grid.index_select(0, self.neighbours[j, 0])
+            blurred.add_(grid.index_select(0, self.neighbours[j, 1])).mul_(0.5)
+            grid = blurred.add_(grid)
         return self._slice @ grid
 
 
@@ -474,3 +432,65 @@ def lattice_crf_tensor(images: torch.Tensor, unary: torch.Tensor, *, build: str 
     flat = unary.permute(0, 2, 3, 1).reshape(b * h * w, c)
     q = lattice_crf_flat(rgb, flat, build=build, **params)
     return q.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Batched training CRF: a (N, 3, h, w) uint8 batch, label maps in, refined label maps out
+# --------------------------------------------------------------------------------------------
+
+def batched_crf_features(images: torch.Tensor, sxy: float, srgb: float | None) -> torch.Tensor:
+    """Features of a whole (N, 3, H, W) batch as one (N*H*W, d) tensor, built with tensor ops.
+
+    Rows are image-major, then pydensecrf's row-major pixel order; row ``k*H*W + y*W + x`` is
+    ``(x/sxy, y/sxy[, r/srgb, g/srgb, b/srgb])`` of image k, the float32 values
+    ``crf_features`` gives for that image alone (same divisions, bit for bit).
+    """
+    n, _, h, w = images.shape
+    xs, ys = _pixel_grid(h, w, images.device)
+    pos = torch.stack([xs / float(sxy), ys / float(sxy)], dim=1).repeat(n, 1)
+    if srgb is None:
+        return pos
+    rgb = images.permute(0, 2, 3, 1).reshape(n * h * w, 3).float() / float(srgb)
+    return torch.cat([pos, rgb], dim=1)
+
+
+def _check_label_batch(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise DataError(f"crf images: expected a (N, 3, h, w) uint8 batch (0-255 RGB), got "
+                        f"{images.dtype} {tuple(images.shape)}")
+    if labels.ndim != 3 or labels.shape[0] != images.shape[0] or labels.shape[1:] != images.shape[2:]:
+        raise DataError(f"crf labels: expected (N, h, w) = {(images.shape[0], *images.shape[2:])}, "
+                        f"got {tuple(labels.shape)}")
+
+
+def lattice_crf_labels(images_uint8: torch.Tensor, labels: torch.Tensor, n_labels: int = 21, gt_prob: float = 0.7,
+                       iters: int = 10, gauss_sxy: float = 3, gauss_compat: float = 3, bi_sxy: float = 50,
+                       bi_srgb: float = 5, bi_compat: float = 10, build: str = "auto") -> torch.Tensor:
+    """HSC's training CRF (the authors' ``crf_inference_label``) on a whole batch at once.
+
+    images (N, 3, h, w) uint8, labels (N, h, w) int in [0, n_labels) -> (N, h, w) int64 on ``labels``'
+    device. Per image it computes what pydensecrf does: unary ``unary_from_labels(labels, n_labels,
+    gt_prob, zero_unsure=False)`` (-log gt_prob on the label, -log((1-gt_prob)/(n_labels-1)) elsewhere),
+    Gaussian (sxy, compat) + bilateral (sxy, srgb, compat) Potts kernels filtered on the permutohedral
+    lattice with symmetric normalisation, ``iters`` mean-field steps, argmax (first maximum).
+    The batch is ONE lattice per kernel whose keys carry the image index, so images never exchange
+    messages and no Python loop runs over images. Measured: the labels of pydensecrf on 100 % of
+    pixels at the training parameters (tests/test_crf_lattice.py: random and real-photo 16x16 inputs).
+    """
+    from hsc_fast.crf_dense import unary_from_labels_torch  # noqa: PLC0415 - crf_dense imports this module
+
+    validate_params(iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb, bi_compat)
+    _check_label_batch(images_uint8, labels)
+    n, _, h, w = images_uint8.shape
+    if n == 0 or h * w == 0:
+        return labels.long().clone()
+    device = labels.device
+    images = images_uint8.to(device)
+    unary = unary_from_labels_torch(labels.reshape(n * h * w), n_labels, gt_prob)
+    ids = torch.arange(n, device=device).repeat_interleave(h * w)
+    with torch.autocast(device.type, enabled=False):        # the filters must stay float32
+        gauss = PermutohedralLattice(batched_crf_features(images, gauss_sxy, None), ids, build)
+        bilat = PermutohedralLattice(batched_crf_features(images, bi_sxy, bi_srgb), ids, build)
+        messages = [(normalized_filter(gauss), float(gauss_compat)), (normalized_filter(bilat), float(bi_compat))]
+        q = mean_field(unary, messages, iters)
+    return q.argmax(-1).reshape(n, h, w)

@@ -92,10 +92,15 @@ def check_geometry(cfg: RunConfig) -> None:
     side = loss.contrast_size or side2
     pixels = data.batch_size * side * side
     uses_hsc = loss.method.startswith("hsc")
+    per_image = loss.formulation == "paper"  # eq. 6: the top-k_c pixels of each image; no update top-k
+    image_side = loss.contrast_size or feature_size(data.crop_size)   # 0: view 1's feature resolution
+    if uses_hsc and loss.use_csc and per_image and loss.csc_topk > image_side ** 2:
+        raise ConfigError(f"config key 'loss.csc_topk': {loss.csc_topk} exceeds the {image_side}x{image_side} contrast "
+                          "pixels of one image (loss.formulation paper takes the top-k_c pixels per image, eq. 6)")
     if uses_hsc and loss.use_csc and loss.csc_topk > pixels:
         raise ConfigError(f"config key 'loss.csc_topk': {loss.csc_topk} exceeds the {pixels} contrast pixels "
                           f"of a batch (data.batch_size {data.batch_size} x {side}x{side})")
-    if uses_hsc and loss.use_csc and loss.csc_update_topk > loss.csc_topk:
+    if uses_hsc and loss.use_csc and not per_image and loss.csc_update_topk > loss.csc_topk:
         raise ConfigError(f"config key 'loss.csc_update_topk': {loss.csc_update_topk} exceeds loss.csc_topk {loss.csc_topk}")
     if uses_hsc and loss.use_psc and loss.psc_topk > pixels:
         raise ConfigError(f"config key 'loss.psc_topk': {loss.psc_topk} exceeds the {pixels} contrast pixels of a batch")
@@ -196,6 +201,16 @@ def build_ds_config(cfg: RunConfig, world_size: int, path: Optional[str] = None)
 def optimizer_is_partitioned(ds_cfg: dict) -> bool:
     """ZeRO >= 1 and bf16 master weights make the optimizer state rank-specific."""
     return ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0 or ds_cfg.get("bf16", {}).get("enabled", False)
+
+
+def autocast_device(cfg: RunConfig, device: torch.device) -> Optional[str]:
+    """Device type whose bf16 autocast wraps the forward pass (train.bf16_autocast on CUDA,
+    train.cpu_bf16_autocast on CPU), or None for fp32."""
+    if device.type == "cuda" and cfg.train.bf16_autocast:
+        return "cuda"
+    if device.type == "cpu" and cfg.train.cpu_bf16_autocast:
+        return "cpu"
+    return None
 
 
 def set_determinism(deterministic: bool) -> None:
@@ -360,6 +375,20 @@ class StepLoop:
     def _restore_extra(self, shared: dict, ckpt_dir: Path) -> None:
         pass
 
+    def _record_kernel_checks(self) -> None:
+        """New kernel self-check verdicts (hsc_fast.kernel_check: first use of a kernel at a new
+        dtype / feature dim / arch) go into env.json ("kernel_checks"); fallbacks are logged."""
+        from . import kernel_check
+        reports = kernel_check.report()
+        if len(reports) == getattr(self, "_kernel_reports_seen", 0) or self.log is None:
+            return
+        for r in reports[getattr(self, "_kernel_reports_seen", 0):]:
+            if not r["ok"]:
+                self.log.warning("kernel %s (%s, dim %d, %s) falls back to its reference: %s", r["op"], r["dtype"],
+                                 r["dim"], r["arch"], r["error"])
+        self._kernel_reports_seen = len(reports)
+        self.log.update_env({"kernel_checks": reports})
+
     def _count_nonfinite(self, nonfinite: bool, what: str) -> None:
         """Counters (and a warning) of a step that every rank skipped, or a finite one."""
         st = self.state
@@ -400,6 +429,7 @@ class StepLoop:
             self.state.step += 1
             self.state.epoch, self.state.batches_in_epoch = stream.epoch, stream.batches_in_epoch
             self._record(result, stream, time.perf_counter() - t0, heartbeat)
+            self._record_kernel_checks()
             # nonfinite_in_a_row > 0 only right after a skipped step (max_nonfinite is positive)
             if self.state.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
                 path = self._guarded(self.save, heartbeat)
@@ -522,7 +552,8 @@ class Trainer(StepLoop):
         self.dist_ctx = DistContext() if info.world_size > 1 else None
         self.state = TrainState()
         self.nan_steps = nan_fault_steps(info.rank)
-        self.bf16_autocast = bool(cfg.train.bf16_autocast and self.device.type == "cuda")
+        self.autocast_device = autocast_device(cfg, self.device)
+        self._kernel_reports_seen = 0  # kernel self-check verdicts already written to env.json
         self._last_visual: Optional[tuple] = None
         self._skipped_before = 0  # loader skips already recorded (this rank)
         self._seed_rank_streams()
@@ -550,11 +581,12 @@ class Trainer(StepLoop):
         from .losses import method_losses
         img1 = batch["img"]
         batch = dict(batch, img2=make_view2(img1, self.cfg.data.view2_size))
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16_autocast else nullcontext()
+        # The network runs in bf16 under autocast; method_losses switches it off (hsc_fast.precision).
+        amp = torch.autocast(self.autocast_device, dtype=torch.bfloat16) if self.autocast_device else nullcontext()
         with amp:
             out1 = self.engine(img1)
             out2 = self.engine(batch["img2"])
-            # The in-training CRF runs inside (loss.train_crf; hsc_fast.crf_dense by default).
+            # The in-training CRF runs inside (loss.train_crf, loss.train_crf_backend: hsc_fast.crf_train).
             terms, new_banks = method_losses(out1, out2, batch, banks, self.cfg.loss, dist_ctx=self.dist_ctx,
                                              img_mean=tuple(self.cfg.data.mean), img_std=tuple(self.cfg.data.std))
         return terms, new_banks, out1

@@ -4,7 +4,11 @@ These PyTorch functions are the single source of truth for the math of the fused
 in `kernels/` (which must match them to float32 round-off). Each takes `impl`:
   "torch"  -> the reference below;
   "triton" -> `kernels.<op>.<op>_triton` (imported lazily; runs on CPU under TRITON_INTERPRET=1);
-  "auto"   -> Triton when the input is on CUDA and triton imports, else the reference.
+              on CUDA it is self-checked first (`hsc_fast.kernel_check`) and a failure raises;
+  "auto"   -> Triton when the input is on CUDA and triton imports and the kernel passed its
+              self-check for this (dtype, feature dim, arch); else the reference (with one warning,
+              recorded for the run's env.json). HSC_AUTO_TRITON_CPU=1 lets "auto" pick the kernels
+              for CPU tensors under the interpreter (tests of the fallback).
 
 The references compute in float32 (float64 inputs stay float64, for gradcheck); the losses
 are tiny next to the network, and bf16 here would cost accuracy for no speed.
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -62,24 +67,55 @@ def triton_available() -> bool:
     return True
 
 
+def _interpreted_cpu_allowed(tensor: torch.Tensor) -> bool:
+    return (tensor.device.type == "cpu" and os.environ.get("HSC_AUTO_TRITON_CPU", "") == "1"
+            and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
 def use_triton(impl: str, tensor: torch.Tensor) -> bool:
-    """Decide the implementation: see the module docstring."""
+    """Decide the implementation before any self-check: see the module docstring."""
     if impl == "torch":
         return False
     if impl == "triton":
         return True
     if impl == "auto":
-        return tensor.is_cuda and triton_available()
+        return (tensor.is_cuda or _interpreted_cpu_allowed(tensor)) and triton_available()
     raise ConfigError(f"loss.impl: {impl!r} is not one of {', '.join(IMPLS)}")
 
 
-def _dispatch(kernel: str, impl: str, tensor: torch.Tensor, reference):
-    """`kernels.<module>.<function>` (kernel = "module.function") when Triton is chosen, else
-    `reference`. Imported lazily: CPU-only users never import triton."""
-    if not use_triton(impl, tensor):
-        return reference
+def _import_kernel(kernel: str):
     module, function = kernel.rsplit(".", 1)
     return getattr(importlib.import_module(f"kernels.{module}"), function)
+
+
+def _dispatch(op: str, kernel: str, impl: str, tensor: torch.Tensor, dim: int, reference):
+    """The function serving this call: `kernels.<module>.<function>` (kernel = "module.function")
+    when Triton is chosen and passes its self-check, else `reference`. Imported lazily: CPU-only
+    users never import triton. Under "auto" a kernel that raises on a real call is recorded as
+    failed and the call is served by the reference."""
+    from . import kernel_check
+
+    if not use_triton(impl, tensor):
+        return reference
+    try:
+        fn = _import_kernel(kernel)
+    except Exception as e:  # noqa: BLE001 - a broken triton install must not stop "auto"
+        kernel_check.fail(op, tensor, dim, e, impl)
+        return reference
+    if not kernel_check.enabled(tensor):
+        return fn
+    if not kernel_check.usable(op, impl, tensor, dim, PROBES[op], fn, reference):
+        return reference
+    if impl == "triton":
+        return fn
+
+    def guarded(*args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - recorded and warned about in kernel_check
+            kernel_check.fail(op, tensor, dim, e, impl)
+            return reference(*args)
+    return guarded
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:
@@ -109,7 +145,7 @@ def roi_pool(feats, masks, *, count_eps=1e-5, norm_eps=1e-5, impl="auto"):
     if feats.shape[0] != masks.shape[0] or feats.shape[2] != masks.shape[2]:
         raise LossInputError(f"roi_pool: feats {tuple(feats.shape)} and masks {tuple(masks.shape)} "
                          "must agree on N and P")
-    fn = _dispatch("roi_pool.roi_pool_triton", impl, feats, roi_pool_reference)
+    fn = _dispatch("roi_pool", "roi_pool.roi_pool_triton", impl, feats, feats.shape[1], roi_pool_reference)
     return fn(feats, masks, count_eps, norm_eps)
 
 
@@ -137,7 +173,7 @@ def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return values, index.gather(1, order)
 
 
-def topk_proto_reference(scores, feats, k, k_denom=None, normalize=True):
+def topk_proto_reference(scores, feats, k, k_denom=None, normalize=True, norm_eps=PROTO_NORM_EPS):
     scores = upcast(scores.detach())
     feats = upcast(feats)
     m = scores.shape[1]
@@ -149,7 +185,7 @@ def topk_proto_reference(scores, feats, k, k_denom=None, normalize=True):
     denom = values[:, :k_denom].sum(dim=1, keepdim=True)
     denom = torch.where(denom == 0, torch.ones_like(denom), denom)
     proto = numer / denom
-    return l2_normalize(proto, dim=-1, eps=PROTO_NORM_EPS) if normalize else proto
+    return l2_normalize(proto, dim=-1, eps=norm_eps) if normalize else proto
 
 
 def topk_proto(scores, feats, k, *, k_denom=None, normalize=True, impl="auto"):
@@ -160,8 +196,8 @@ def topk_proto(scores, feats, k, *, k_denom=None, normalize=True, impl="auto"):
                          "must agree on M")
     if int(k) < 1 or (k_denom is not None and int(k_denom) < 1):
         raise LossInputError(f"topk_proto: k={k}, k_denom={k_denom} must be >= 1")
-    fn = _dispatch("topk_proto.topk_proto_triton", impl, feats, topk_proto_reference)
-    return fn(scores, feats, int(k), None if k_denom is None else int(k_denom), bool(normalize))
+    fn = _dispatch("topk_proto", "topk_proto.topk_proto_triton", impl, feats, feats.shape[1], topk_proto_reference)
+    return fn(scores, feats, int(k), None if k_denom is None else int(k_denom), bool(normalize), PROTO_NORM_EPS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -173,9 +209,9 @@ def nce_rows(emb, protos, labels, tau):
     return torch.logsumexp(logits, dim=1) - logits.gather(1, labels[:, None]).squeeze(1)
 
 
-def psc_terms_reference(f1, f2, y1, y2, p1, p2, m1, m2, tau=0.1):
-    e1 = l2_normalize(upcast(f1), dim=-1, eps=EMBED_NORM_EPS)
-    e2 = l2_normalize(upcast(f2), dim=-1, eps=EMBED_NORM_EPS)
+def psc_terms_reference(f1, f2, y1, y2, p1, p2, m1, m2, tau=0.1, norm_eps=EMBED_NORM_EPS):
+    e1 = l2_normalize(upcast(f1), dim=-1, eps=norm_eps)
+    e2 = l2_normalize(upcast(f2), dim=-1, eps=norm_eps)
     p1, p2, m1, m2 = (upcast(t.detach()) for t in (p1, p2, m1, m2))
 
     def nce(e, protos, y):
@@ -198,11 +234,53 @@ def psc_terms(f1, f2, y1, y2, p1, p2, m1, m2, *, tau=0.1, impl="auto"):
     for name, t in (("p1", p1), ("p2", p2), ("m1", m1), ("m2", m2)):
         if t.shape != p1.shape or t.shape[1] != f1.shape[1]:
             raise LossInputError(f"psc_terms: {name} {tuple(t.shape)} must be (C, {f1.shape[1]}) like p1")
-    fn = _dispatch("psc.psc_terms_triton", impl, f1, psc_terms_reference)
-    return fn(f1, f2, y1.long(), y2.long(), p1, p2, m1, m2, float(tau))
+    if f1.shape[0] == 0:
+        raise LossInputError("psc_terms: no pixels (M = 0): the per-pixel means are undefined")
+    fn = _dispatch("psc_terms", "psc.psc_terms_triton", impl, f1, f1.shape[1], psc_terms_reference)
+    return fn(f1, f2, y1.long(), y2.long(), p1, p2, m1, m2, float(tau), EMBED_NORM_EPS)
 
 
 def _check_dims(op: str, **named):
     for name, (t, ndim) in named.items():
         if t.dim() != ndim:
             raise LossInputError(f"{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+# ------------------------------------------------------------------------------------------
+# Self-check probes (hsc_fast.kernel_check): small, awkward inputs per op
+# ------------------------------------------------------------------------------------------
+def _roi_pool_probe(dtype, dim, device, g):
+    """2 images x 37 pixels, bg/fg masks with one empty region."""
+    feats = torch.randn(2, dim, 37, generator=g).to(device=device, dtype=dtype)
+    masks = F.one_hot(torch.randint(0, 2, (2, 37), generator=g), 2).permute(0, 2, 1).float()
+    masks[1, 0] = 0.0
+    masks = masks.to(device)
+    return [feats], lambda fn, f: fn(f, masks, 1e-5, 1e-5)
+
+
+def _topk_proto_probe(dtype, dim, device, g):
+    """3 rows x 300 candidates with ties straddling the cut, k 16 / k_denom 40, normalised."""
+    scores = (torch.rand(3, 300, generator=g) * 4).round() / 4
+    scores[2] = 0.1
+    scores = scores.to(device=device, dtype=dtype)
+    feats = torch.randn(300, dim, generator=g).to(device=device, dtype=dtype)
+    return [feats], lambda fn, f: fn(scores, f, 16, 40, True, PROTO_NORM_EPS)
+
+
+def _psc_terms_probe(dtype, dim, device, g):
+    """97 pixels per view (odd), 21 classes, normalised prototypes, raw banks."""
+    f1 = torch.randn(97, dim, generator=g).relu().to(device=device, dtype=dtype)
+    f2 = torch.randn(97, dim, generator=g).to(device=device, dtype=dtype)
+    y1, y2 = (torch.randint(0, 21, (97,), generator=g).to(device) for _ in range(2))
+    p1, p2 = (l2_normalize(torch.randn(21, dim, generator=g)).to(device) for _ in range(2))
+    m1, m2 = (torch.randn(21, dim, generator=g).to(device) for _ in range(2))
+    return [f1, f2], lambda fn, a, b: fn(a, b, y1, y2, p1, p2, m1, m2, 0.1, EMBED_NORM_EPS)
+
+
+def _probes() -> dict:
+    from .kernel_check import Probe
+    return {"roi_pool": Probe(_roi_pool_probe), "topk_proto": Probe(_topk_proto_probe),
+            "psc_terms": Probe(_psc_terms_probe)}
+
+
+PROBES = _probes()

@@ -67,6 +67,12 @@ def environment_info(world_size: int, device: torch.device, launched_by: str) ->
     }
 
 
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
 def setup_rank_logger(run_dir: Path, rank: int, verbose: bool = True) -> logging.Logger:
     """logs/rank{r}.log for every rank (+ stderr on rank 0). Idempotent within a process."""
     logs = Path(run_dir) / "logs"
@@ -168,7 +174,16 @@ class RunLog:
 
     def write_env(self, info: dict) -> None:
         if self.is_main:
-            (self.run_dir / "env.json").write_text(json.dumps(info, indent=1, default=str))
+            _write_json_atomic(self.run_dir / "env.json", info)
+
+    def update_env(self, extra: dict) -> None:
+        """Merge `extra` into env.json (rank 0; written atomically)."""
+        if not self.is_main:
+            return
+        path = self.run_dir / "env.json"
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        info.update(extra)
+        _write_json_atomic(path, info)
 
     def info(self, msg: str, *args) -> None:
         self.logger.info(msg, *args)

@@ -18,9 +18,12 @@ Layout of the work:
     host sync). Writing dE in the forward instead would cost an extra full read + write of an
     (M,D) buffer to apply grad_output afterwards (4 passes over E-sized memory instead of 3),
     since the four terms' gradients differ and their weights are known only in backward.
-  * precision: float32 inputs use exact ("ieee") float32 dots. bf16/fp16 inputs on a GPU use
-    16-bit tensor-core dots with the (float32) prototypes split into a high and a low 16-bit
-    part, so the logits keep ~16 mantissa bits; under the interpreter everything is float32.
+  * precision: float32 inputs use exact ("ieee") float32 dots. bf16/fp16 inputs use 16-bit
+    (tensor-core) dots with the (float32) prototypes split into a high and a low 16-bit part,
+    so the logits keep ~16 mantissa bits. In the interpreter the bf16 dots are emulated
+    (`_common.emulate_bf16`: operands rounded to bf16 on their bits, multiplied in float32), so
+    the CPU tests run this branch too. The hsc_fast losses pass float32 (they never compute in
+    bf16); the 16-bit branch serves callers of `hsc_fast.ops.psc_terms` with 16-bit embeddings.
 Prototypes and banks are constants (no gradient), as in the official code.
 """
 from __future__ import annotations
@@ -29,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_runnable, lowp_dot, next_pow2, row_major, INTERPRET
+from ._common import (Target, check_float, check_runnable, emulate_bf16, launch, lowp_dot, next_pow2, row_major,
+                      target_of)
 from hsc_fast.errors import HscError
 
 
@@ -47,15 +51,31 @@ def _load_proto_block(own_ptr, other_ptr, bank_ptr, j, d, C, D):
 
 
 @triton.jit
-def _dot_rows_protos(x, x_lowp, protos_t, LOWP: tl.constexpr):
-    """x (BLOCK_M, BLOCK_D) @ protos_t (BLOCK_D, BLOCK_J) in float32. With LOWP, x_lowp is x in
-    its 16-bit input type (exact) and the float32 prototypes are split hi + lo in that type."""
+def _to_bf16_bits(x):
+    """float32 -> the nearest bf16 value (ties to even), kept as float32: the rounding a GPU's
+    cast applies, done on the bits (the interpreter's bf16 cast truncates instead)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_dot(a, a_raw, b, LOWP: tl.constexpr, EMULATE: tl.constexpr):
+    """a (BLOCK_M, K) @ b (K, N) -> float32. Without LOWP one exact float32 dot. With LOWP, a_raw
+    is `a` in its 16-bit type (None-like when a was made in float32: then it is rounded here)
+    and the float32 `b` is split hi + lo in that type: two 16-bit dots keep ~16 bits of b.
+    EMULATE (interpreter, bf16): the same operands as bf16-valued float32, float32 dots."""
     if LOWP:
-        hi = protos_t.to(x_lowp.dtype)
-        lo = (protos_t - hi.to(tl.float32)).to(x_lowp.dtype)
-        out = tl.dot(x_lowp, hi) + tl.dot(x_lowp, lo)
+        if EMULATE:
+            hi = _to_bf16_bits(b)
+            lo = _to_bf16_bits(b - hi)
+            out = tl.dot(a, hi, input_precision="ieee") + tl.dot(a, lo, input_precision="ieee")
+        else:
+            hi = b.to(a_raw.dtype)
+            lo = (b - hi.to(tl.float32)).to(a_raw.dtype)
+            out = tl.dot(a_raw, hi) + tl.dot(a_raw, lo)
     else:
-        out = tl.dot(x, protos_t, input_precision="ieee")
+        out = tl.dot(a, b, input_precision="ieee")
     return out
 
 
@@ -76,14 +96,14 @@ def _pick(logits, j, col):
 
 @triton.jit
 def _tile_logits(f_ptr, stride_f, ya_ptr, yb_ptr, protos_t, rows, rmask, d, D, inv_tau, norm_eps,
-                 LOWP: tl.constexpr):
+                 LOWP: tl.constexpr, EMULATE: tl.constexpr):
     """One tile of a view's pixels: (e, f_norm, inv_norm, logits, ya, yb)."""
     fmask = rmask[:, None] & (d[None, :] < D)
     f_raw = tl.load(f_ptr + rows[:, None] * stride_f + d[None, :], mask=fmask, other=0.0)
     f = f_raw.to(tl.float32)
     f_norm = tl.sqrt(tl.sum(f * f, axis=1))
     inv_norm = 1.0 / tl.maximum(f_norm, norm_eps)
-    raw = _dot_rows_protos(f, f_raw, protos_t, LOWP)
+    raw = _split_dot(f, f_raw, protos_t, LOWP, EMULATE)
     logits = raw * (inv_norm * inv_tau)[:, None]
     ya = tl.load(ya_ptr + rows, mask=rmask, other=0).to(tl.int32)
     yb = tl.load(yb_ptr + rows, mask=rmask, other=0).to(tl.int32)
@@ -94,7 +114,7 @@ def _tile_logits(f_ptr, stride_f, ya_ptr, yb_ptr, protos_t, rows, rmask, d, D, i
 def _psc_fwd_kernel(f1_ptr, f2_ptr, y1_ptr, y2_ptr, p1_ptr, p2_ptr, m1_ptr, m2_ptr, partial_ptr,
                     M, D, C, stride_f1, stride_f2, inv_tau, scale, norm_eps,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
-                    TILES: tl.constexpr, LOWP: tl.constexpr):
+                    TILES: tl.constexpr, LOWP: tl.constexpr, EMULATE: tl.constexpr):
     pid = tl.program_id(0)
     view = tl.program_id(1)
     # View 1 contrasts against [P1; P2; M1] with labels (y1, y2), view 2 against [P2; P1; M2]
@@ -118,7 +138,7 @@ def _psc_fwd_kernel(f1_ptr, f2_ptr, y1_ptr, y2_ptr, p1_ptr, p2_ptr, m1_ptr, m2_p
         rows = (pid * TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
         e, f_norm, inv_norm, logits, ya, yb = _tile_logits(
-            f_ptr, stride_f, ya_ptr, yb_ptr, protos_t, rows, rmask, d, D, inv_tau, norm_eps, LOWP)
+            f_ptr, stride_f, ya_ptr, yb_ptr, protos_t, rows, rmask, d, D, inv_tau, norm_eps, LOWP, EMULATE)
         lse_own = _segment_lse(logits, seg, 0)
         acc_cp += tl.where(rmask, _segment_lse(logits, seg, 1) - _pick(logits, j, ya + C), 0.0)
         acc_cl += tl.where(rmask, lse_own - _pick(logits, j, yb), 0.0)
@@ -136,7 +156,7 @@ def _psc_bwd_kernel(f1_ptr, f2_ptr, y1_ptr, y2_ptr, p1_ptr, p2_ptr, m1_ptr, m2_p
                     grad_ptr, stride_grad, df1_ptr, df2_ptr,
                     M, D, C, stride_f1, stride_f2, inv_tau, scale, norm_eps,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
-                    TILES: tl.constexpr, LOWP: tl.constexpr):
+                    TILES: tl.constexpr, LOWP: tl.constexpr, EMULATE: tl.constexpr):
     pid = tl.program_id(0)
     view = tl.program_id(1)
     if view == 0:
@@ -163,7 +183,7 @@ def _psc_bwd_kernel(f1_ptr, f2_ptr, y1_ptr, y2_ptr, p1_ptr, p2_ptr, m1_ptr, m2_p
         rows = (pid * TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
         e, f_norm, inv_norm, logits, ya, yb = _tile_logits(
-            f_ptr, stride_f, ya_ptr, yb_ptr, protos_t, rows, rmask, d, D, inv_tau, norm_eps, LOWP)
+            f_ptr, stride_f, ya_ptr, yb_ptr, protos_t, rows, rmask, d, D, inv_tau, norm_eps, LOWP, EMULATE)
         lse_own = _segment_lse(logits, seg, 0)
         lse_other = _segment_lse(logits, seg, 1)
         lse_bank = _segment_lse(logits, seg, 2)
@@ -176,13 +196,14 @@ def _psc_bwd_kernel(f1_ptr, f2_ptr, y1_ptr, y2_ptr, p1_ptr, p2_ptr, m1_ptr, m2_p
         dlogits -= tl.where(jj == (ya + C)[:, None], g_cp, 0.0)
         dlogits -= tl.where(jj == (ya + 2 * C)[:, None], g_me, 0.0)
         dlogits = tl.where(rmask[:, None], dlogits * inv_tau, 0.0)
+        # dE = dlogits @ P; in the 16-bit branch dlogits is rounded to the input type first.
         if LOWP:
-            dl_lowp = dlogits.to(df_ptr.dtype.element_ty)
-            hi = protos.to(df_ptr.dtype.element_ty)
-            lo = (protos - hi.to(tl.float32)).to(df_ptr.dtype.element_ty)
-            de = tl.dot(dl_lowp, hi) + tl.dot(dl_lowp, lo)
+            if EMULATE:
+                de = _split_dot(_to_bf16_bits(dlogits), dlogits, protos, LOWP, EMULATE)
+            else:
+                de = _split_dot(dlogits, dlogits.to(df_ptr.dtype.element_ty), protos, LOWP, EMULATE)
         else:
-            de = tl.dot(dlogits, protos, input_precision="ieee")
+            de = _split_dot(dlogits, dlogits, protos, LOWP, EMULATE)
         # e = f / max(||f||, eps): remove the radial part unless the norm was clamped.
         radial = tl.sum(de * e, axis=1)
         df = tl.where((f_norm > norm_eps)[:, None], de - e * radial[:, None], de) * inv_norm[:, None]
@@ -191,29 +212,71 @@ def _psc_bwd_kernel(f1_ptr, f2_ptr, y1_ptr, y2_ptr, p1_ptr, p2_ptr, m1_ptr, m2_p
                  mask=rmask[:, None] & (d[None, :] < D))
 
 
-def _launch_config(m: int, d: int, device: torch.device) -> dict:
-    """Block sizes, tiles per program and warps. The interpreter pays per program (big tiles,
-    a few per program so the tile loop is exercised); a GPU gets 64-row tiles and enough
-    programs to fill every SM a few times over before tiles are merged per program."""
+# Row tile and warps per kernel and feature width on a GPU, chosen with kernels.aot (ptxas -v for
+# sm_80 and sm_90, float32 and bf16, TILES 1 and 8): the float32 "ieee" dots run on the CUDA cores,
+# whose operand layouts need many registers, so wide tiles spill (the former 64-row forward spilled
+# 7.7 KB per thread on sm_80). Measured spill stores per thread at these settings: none at D <= 128
+# (the PSC embedding width) for both kernels, dtypes, targets and both TILES; at D = 256 the forward
+# has none and the backward <= 4 B (float32 with TILES 1: TILES 8 needs more than sm_80's 163 KB of
+# shared memory; bf16 with TILES 8: TILES 1 spills 1-2 KB). benchmarks/results/aot-*.md has the table.
+_FWD_TILE = {128: (32, 8), 256: (32, 8)}
+_BWD_TILE = {128: (16, 8), 256: (16, 16)}
+MERGE_TILES = 8
+
+
+def launch_config(m: int, d: int, target: Target, lowp: bool, backward: bool) -> dict:
+    """Block sizes, tiles per program (TILES), warps and grid. The interpreter pays per program
+    (big tiles, a few per program so the tile loop is exercised). On a GPU: the measured tiles
+    above; programs merge MERGE_TILES row tiles (one prototype load for all of them) only when
+    the merged grid still fills every SM 8 times over, else one tile each."""
     block_d = next_pow2(d, 16)
-    if INTERPRET:
+    if target.interpreter:
         block_m, warps = min(next_pow2(m, 16), 256), 4
-        tiles = min(4, triton.cdiv(m, block_m))
+        tiles = min(4, triton.cdiv(max(m, 1), block_m))
     else:
-        block_m = 64 if block_d <= 128 else (32 if block_d <= 256 else 16)
-        warps = 8
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        # 2 views x programs >= ~8 waves of SMs before merging tiles (proto reloads amortised).
-        tiles = max(1, min(8, triton.cdiv(m, block_m) * 2 // (8 * sms)))
-    return dict(BLOCK_M=block_m, BLOCK_D=block_d, TILES=tiles, warps=warps,
+        if block_d > 256:
+            raise HscError(f"psc_terms: feature width {d} > 256 is not supported by the fused kernels; use impl='torch'")
+        block_m, warps = (_BWD_TILE if backward else _FWD_TILE)[max(block_d, 128)]
+        n_tiles = triton.cdiv(m, block_m)
+        merged_waves = 2 * n_tiles // (MERGE_TILES * 8 * target.sms)
+        wide_bwd = backward and block_d > 128
+        if wide_bwd:  # measured: float32 fits shared memory only unmerged; 16-bit spills unless merged
+            tiles = MERGE_TILES if lowp else 1
+        else:
+            tiles = MERGE_TILES if merged_waves >= 1 else 1
+    return dict(BLOCK_M=block_m, BLOCK_D=block_d, TILES=tiles, num_warps=warps,
                 grid=(triton.cdiv(triton.cdiv(m, block_m), tiles), 2))
 
 
-def _meta(f1, p1):
+def _meta(f1, p1, backward: bool):
+    """Every constexpr and launch option of one kernel for these inputs, and its grid."""
     m, d = f1.shape
-    meta = _launch_config(m, d, f1.device)
-    meta.update(M=m, D=d, C=p1.shape[0], BLOCK_J=next_pow2(3 * p1.shape[0], 16), LOWP=lowp_dot(f1.dtype))
-    return meta
+    target = target_of(f1.device)
+    lowp = lowp_dot(f1.dtype)
+    meta = launch_config(m, d, target, lowp, backward)
+    meta.update(BLOCK_J=next_pow2(3 * p1.shape[0], 16), LOWP=lowp, EMULATE=lowp and emulate_bf16(f1.dtype, target))
+    return meta.pop("grid"), meta
+
+
+def psc_forward(f1, f2, y1, y2, p1, p2, m1, m2, tau: float, norm_eps: float) -> torch.Tensor:
+    """Launch the forward kernel -> (4,) float32 [cross_proto, cross_label, intra, memory]."""
+    grid, meta = _meta(f1, p1, backward=False)
+    m, d = f1.shape
+    partial = torch.zeros((2 * grid[0], 4), device=f1.device, dtype=torch.float32)
+    launch(_psc_fwd_kernel, grid, f1, f2, y1, y2, p1, p2, m1, m2, partial, m, d, p1.shape[0],
+           f1.stride(0), f2.stride(0), 1.0 / tau, 1.0 / (2 * m), norm_eps, **meta)
+    return partial.sum(dim=0)
+
+
+def psc_backward(grad_out, f1, f2, y1, y2, p1, p2, m1, m2, tau: float, norm_eps: float):
+    """Launch the backward kernel -> (dL/df1, dL/df2) in the embeddings' dtype."""
+    grid, meta = _meta(f1, p1, backward=True)
+    m, d = f1.shape
+    df1 = torch.empty(f1.shape, device=f1.device, dtype=f1.dtype)  # every element written
+    df2 = torch.empty(f2.shape, device=f2.device, dtype=f2.dtype)
+    launch(_psc_bwd_kernel, grid, f1, f2, y1, y2, p1, p2, m1, m2, grad_out, grad_out.stride(0), df1, df2,
+           m, d, p1.shape[0], f1.stride(0), f2.stride(0), 1.0 / tau, 1.0 / (2 * m), norm_eps, **meta)
+    return df1, df2
 
 
 class PscTermsFunction(torch.autograd.Function):
@@ -221,38 +284,19 @@ class PscTermsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f1, f2, y1, y2, p1, p2, m1, m2, tau, norm_eps):
-        meta = _meta(f1, p1)
-        partial = torch.empty((2 * meta["grid"][0], 4), device=f1.device, dtype=torch.float32)
-        scale = 1.0 / (2 * meta["M"])
-        _psc_fwd_kernel[meta["grid"]](
-            f1, f2, y1, y2, p1, p2, m1, m2, partial, meta["M"], meta["D"], meta["C"],
-            f1.stride(0), f2.stride(0), 1.0 / tau, scale, norm_eps,
-            BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], BLOCK_J=meta["BLOCK_J"],
-            TILES=meta["TILES"], LOWP=meta["LOWP"], num_warps=meta["warps"])
         ctx.save_for_backward(f1, f2, y1, y2, p1, p2, m1, m2)
         ctx.tau, ctx.norm_eps = tau, norm_eps
-        return partial.sum(dim=0)
+        return psc_forward(f1, f2, y1, y2, p1, p2, m1, m2, tau, norm_eps)
 
     @staticmethod
     def backward(ctx, grad_out):
-        f1, f2, y1, y2, p1, p2, m1, m2 = ctx.saved_tensors
-        meta = _meta(f1, p1)
-        df1 = torch.empty(f1.shape, device=f1.device, dtype=f1.dtype)
-        df2 = torch.empty(f2.shape, device=f2.device, dtype=f2.dtype)
-        _psc_bwd_kernel[meta["grid"]](
-            f1, f2, y1, y2, p1, p2, m1, m2, grad_out, grad_out.stride(0), df1, df2,
-            meta["M"], meta["D"], meta["C"], f1.stride(0), f2.stride(0), 1.0 / ctx.tau,
-            1.0 / (2 * meta["M"]), ctx.norm_eps,
-            BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"], BLOCK_J=meta["BLOCK_J"],
-            TILES=meta["TILES"], LOWP=meta["LOWP"], num_warps=meta["warps"])
+        df1, df2 = psc_backward(grad_out, *ctx.saved_tensors, ctx.tau, ctx.norm_eps)
         return df1, df2, None, None, None, None, None, None, None, None
 
 
-def psc_terms_triton(f1, f2, y1, y2, p1, p2, m1, m2, tau=0.1):
-    """Triton twin of `hsc_fast.ops.psc_terms_reference` (same arguments, same (4,) float32
-    result; shapes are validated by the dispatcher `hsc_fast.ops.psc_terms`)."""
-    from hsc_fast.ops import EMBED_NORM_EPS
-
+def prepare_inputs(f1, f2, y1, y2, p1, p2, m1, m2):
+    """Checks and the layout the kernels read: one float dtype for both views, float prototype
+    sets of one dtype per swapped pair, contiguous labels and prototypes."""
     op = "psc_terms"
     check_runnable(op, f1, f2, y1, y2, p1, p2, m1, m2)
     check_float(op, "f1", f1)
@@ -269,5 +313,11 @@ def psc_terms_triton(f1, f2, y1, y2, p1, p2, m1, m2, tau=0.1):
     if protos[2].dtype != protos[3].dtype:
         protos[2], protos[3] = protos[2].float(), protos[3].float()
     labels = [y.detach().contiguous() for y in (y1, y2)]
-    return PscTermsFunction.apply(row_major(f1), row_major(f2), *labels, *protos, float(tau),
-                                  EMBED_NORM_EPS)
+    return (row_major(f1), row_major(f2), *labels, *protos)
+
+
+def psc_terms_triton(f1, f2, y1, y2, p1, p2, m1, m2, tau=0.1, norm_eps=1e-12):
+    """Triton twin of `hsc_fast.ops.psc_terms_reference` (same arguments, same (4,) float32
+    result; shapes are validated by the dispatcher `hsc_fast.ops.psc_terms`)."""
+    inputs = prepare_inputs(f1, f2, y1, y2, p1, p2, m1, m2)
+    return PscTermsFunction.apply(*inputs, float(tau), float(norm_eps))

@@ -21,7 +21,10 @@ candidates, then merge.
   3. `_proto_kernel`, grid (C,): decodes the KEEP indices, gathers their scores and feature rows,
      reduces numerator and denominator in float32, normalises, stores (and keeps den and ||v||).
 Backward `_proto_bwd_kernel`, grid (C,): dL/dv through the normalisation, then scatter-adds
-s_i * dL/dv / den into the selected feature rows (float32 atomics: classes may share pixels).
+s_i * dL/dv / den into the selected feature rows (float32 atomics: classes may share pixels, so
+the order of the additions, and the last bits of dL/df, vary from run to run). Under
+torch.use_deterministic_algorithms(True) the backward instead forms the (C, M) matrix of
+selected scores and computes dL/df = S^T @ (dL/dv / den) with one matmul: deterministic.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_float, check_runnable, next_pow2, row_major
+from ._common import (Target, check_float, check_runnable, deterministic, launch, next_pow2, row_major,
+                      target_of)
 from hsc_fast.errors import HscError
 
 MAX_KEEP = 1024           # largest max(k, k_denom) the chunked selection is sized for
@@ -159,18 +163,28 @@ def _proto_bwd_kernel(grad_ptr, out_ptr, cand_ptr, scores_ptr, den_ptr, norm_ptr
                       mask=take[:, None] & dmask[None, :])
 
 
-def _rows(dim: int) -> int:
+def gather_rows(dim: int, target: Target) -> int:
     """Candidates per slice of the gather loops: ~8k float32 values in flight on a GPU; 16 in
     the interpreter, so that the CPU tests run the loop several times."""
-    return 16 if INTERPRET else max(1, min(64, 8192 // next_pow2(dim)))
+    return 16 if target.interpreter else max(1, min(64, 8192 // next_pow2(dim)))
 
 
-def _chunk_size(keep: int, length: int) -> int:
-    """Sort width: a power of two >= 4 * keep (each pass shrinks the data >= 4x), 4096 on a GPU
-    (16384 in the interpreter, fewer programs), never wider than the row needs."""
-    base = 16384 if INTERPRET else 4096
+# Sort width on a GPU. ptxas time grows fast with the width of the fully unrolled bitonic network
+# (measured with kernels.aot for sm_80: 4096 keys ~85 s, see benchmarks/results/aot-*.md), while a
+# narrower sort only adds merge passes (each pass shrinks the data by width / keep).
+GPU_SORT_WIDTH = 1024
+
+
+def chunk_size(keep: int, length: int, target: Target) -> int:
+    """Sort width: a power of two >= 4 * keep (each pass shrinks the data >= 4x), GPU_SORT_WIDTH
+    on a GPU (16384 in the interpreter, fewer programs), never wider than the row needs."""
+    base = 16384 if target.interpreter else GPU_SORT_WIDTH
     width = max(base, next_pow2(4 * keep))
     return min(width, max(next_pow2(length, 16), next_pow2(keep, 16)))
+
+
+def sort_warps(chunk: int) -> int:
+    return 8 if chunk >= 4096 else 4
 
 
 def select_topk(scores: torch.Tensor, keep: int, width: int | None = None) -> torch.Tensor:
@@ -180,15 +194,17 @@ def select_topk(scores: torch.Tensor, keep: int, width: int | None = None) -> to
     rows, length = scores.shape
     if width is not None and (width & (width - 1) or width < 2 * keep):
         raise HscError(f"select_topk: width={width} must be a power of two >= 2 * keep ({2 * keep})")
+    if keep <= 0 or length == 0:
+        return torch.empty((rows, 0), device=scores.device, dtype=torch.int64)
+    target = target_of(scores.device)
     src, from_scores, stride = scores, True, scores.stride(0)
     while True:
-        chunk = width if width is not None and width < length else _chunk_size(keep, length)
+        chunk = width if width is not None and width < length else chunk_size(keep, length, target)
         n_chunks = triton.cdiv(length, chunk)
         out = torch.empty((rows, n_chunks * keep), device=scores.device, dtype=torch.int64)
-        _topk_chunk_kernel[(rows, n_chunks)](src, out, length, stride, out.stride(0), keep,
-                                             FROM_SCORES=from_scores, CHUNK=chunk,
-                                             LOG_CHUNK=chunk.bit_length() - 1,
-                                             num_warps=8 if chunk >= 4096 else 4)
+        launch(_topk_chunk_kernel, (rows, n_chunks), src, out, length, stride, out.stride(0), keep,
+               FROM_SCORES=from_scores, CHUNK=chunk, LOG_CHUNK=chunk.bit_length() - 1,
+               num_warps=sort_warps(chunk))
         if n_chunks == 1:
             return out
         src, from_scores, stride, length = out, False, out.stride(0), out.shape[1]
@@ -199,45 +215,85 @@ def key_index(keys: torch.Tensor) -> torch.Tensor:
     return LARGEST_INDEX - (keys & 0xFFFFFFFF)
 
 
+def topk_proto_forward(scores, feats, k: int, k_denom: int, normalize: bool, norm_eps: float):
+    """Selection + prototype kernels -> (out (C,D), cand keys (C,keep), den (C,), ||v|| (C,))."""
+    rows = scores.shape[0]
+    dim = feats.shape[1]
+    keep = max(k, k_denom)
+    target = target_of(feats.device)
+    cand = select_topk(scores, keep)
+    out = torch.zeros((rows, dim), device=feats.device, dtype=torch.float32)
+    den = torch.ones((rows,), device=feats.device, dtype=torch.float32)
+    norm = torch.zeros_like(den)
+    if keep > 0:
+        launch(_proto_kernel, (rows,), cand, scores, feats, out, den, norm, dim, cand.stride(0),
+               scores.stride(0), feats.stride(0), k, k_denom, keep, norm_eps,
+               NORMALIZE=normalize, BLOCK_KEEP=next_pow2(keep, 16), BLOCK_D=next_pow2(dim, 16),
+               ROWS=gather_rows(dim, target), num_warps=4)
+    return out, cand, den, norm
+
+
+def _normalize_backward(grad, out, norm, normalize: bool, norm_eps: float):
+    """dL/dv from dL/d(v / max(||v||, eps)) (the radial part removed unless clamped)."""
+    if not normalize:
+        return grad
+    radial = (out * grad).sum(dim=1, keepdim=True)
+    unclamped = (norm > norm_eps)[:, None]
+    return torch.where(unclamped, grad - out * radial, grad) / norm.clamp_min(norm_eps)[:, None]
+
+
+def topk_proto_backward_deterministic(grad_out, out, cand, scores, den, norm, length, k, normalize, norm_eps):
+    """dL/dfeats (M,D) float32 without atomics: S^T @ (dL/dv / den) with S (C,M) holding each
+    row's top-k scores at their columns (distinct within a row, so scatter_ has no collisions)."""
+    idx = key_index(cand[:, :k])
+    selected = scores.gather(1, idx).float()
+    dnum = _normalize_backward(grad_out.float(), out, norm, normalize, norm_eps) / den[:, None]
+    weights = torch.zeros((scores.shape[0], length), device=scores.device, dtype=torch.float32)
+    weights.scatter_(1, idx, selected)
+    return weights.t() @ dnum
+
+
+def topk_proto_backward(grad_out, out, cand, scores, den, norm, length, k, normalize, norm_eps):
+    """dL/dfeats (M,D) float32: the atomic kernel, or the deterministic matmul when asked for."""
+    dim = out.shape[1]
+    if deterministic():
+        return topk_proto_backward_deterministic(grad_out, out, cand, scores, den, norm, length, k,
+                                                 normalize, norm_eps)
+    grad_out = row_major(grad_out)
+    dfeats = torch.zeros((length, dim), device=out.device, dtype=torch.float32)
+    if k > 0:
+        launch(_proto_bwd_kernel, (out.shape[0],), grad_out, out, cand, scores, den, norm, dfeats, dim,
+               grad_out.stride(0), cand.stride(0), scores.stride(0), k, norm_eps, NORMALIZE=normalize,
+               BLOCK_D=next_pow2(dim, 16), ROWS=gather_rows(dim, target_of(out.device)), num_warps=4)
+    return dfeats
+
+
 class TopkProtoFunction(torch.autograd.Function):
     """(C,D) float32 prototypes; gradient to feats only (scores are constants)."""
 
     @staticmethod
     def forward(ctx, scores, feats, k, k_denom, normalize, norm_eps):
-        rows, length = scores.shape
-        dim = feats.shape[1]
-        keep = max(k, k_denom)
-        cand = select_topk(scores, keep)
-        out = torch.empty((rows, dim), device=feats.device, dtype=torch.float32)
-        den = torch.empty((rows,), device=feats.device, dtype=torch.float32)
-        norm = torch.empty_like(den)
-        _proto_kernel[(rows,)](cand, scores, feats, out, den, norm, dim, cand.stride(0),
-                               scores.stride(0), feats.stride(0), k, k_denom, keep, norm_eps,
-                               NORMALIZE=normalize, BLOCK_KEEP=next_pow2(keep, 16),
-                               BLOCK_D=next_pow2(dim, 16), ROWS=_rows(dim), num_warps=4)
+        out, cand, den, norm = topk_proto_forward(scores, feats, k, k_denom, normalize, norm_eps)
         ctx.save_for_backward(scores, cand, out, den, norm)
-        ctx.meta = (feats.shape, feats.dtype, k, normalize, norm_eps)
+        ctx.meta = (tuple(feats.shape), feats.dtype, k, normalize, norm_eps)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         scores, cand, out, den, norm = ctx.saved_tensors
-        (length, dim), dtype, k, normalize, norm_eps = ctx.meta
-        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dfeats = torch.zeros((length, dim), device=out.device, dtype=torch.float32)
-        _proto_bwd_kernel[(out.shape[0],)](grad_out, out, cand, scores, den, norm, dfeats, dim,
-                                           grad_out.stride(0), cand.stride(0), scores.stride(0),
-                                           k, norm_eps, NORMALIZE=normalize,
-                                           BLOCK_D=next_pow2(dim, 16), ROWS=_rows(dim),
-                                           num_warps=4)
+        (length, _), dtype, k, normalize, norm_eps = ctx.meta
+        dfeats = topk_proto_backward(grad_out, out, cand, scores, den, norm, length, k, normalize, norm_eps)
         return None, dfeats.to(dtype), None, None, None, None
 
 
-def topk_proto_triton(scores, feats, k, k_denom=None, normalize=True):
-    """Triton twin of `hsc_fast.ops.topk_proto_reference` (shapes validated by the dispatcher
-    `hsc_fast.ops.topk_proto`): scores (C,M), feats (M,D) -> float32 (C,D)."""
-    from hsc_fast.ops import PROTO_NORM_EPS
+def clip_k(k: int, k_denom, length: int) -> tuple[int, int]:
+    """k and k_denom clipped to the candidate count, as the reference does."""
+    k = min(int(k), length)
+    return k, (k if k_denom is None else min(int(k_denom), length))
 
+
+def prepare_inputs(scores, feats, k, k_denom):
+    """Checks and the layout the kernels read -> (scores, feats, k, k_denom)."""
     op = "topk_proto"
     check_runnable(op, scores, feats)
     check_float(op, "scores", scores)
@@ -245,11 +301,15 @@ def topk_proto_triton(scores, feats, k, k_denom=None, normalize=True):
     length = scores.shape[1]
     if length >= 2 ** 31:
         raise HscError(f"topk_proto: at most 2**31 - 1 candidates per row, got M={length}")
-    k = min(int(k), length)
-    k_denom = k if k_denom is None else min(int(k_denom), length)
+    k, k_denom = clip_k(k, k_denom, length)
     if max(k, k_denom) > MAX_KEEP:
         raise HscError(f"topk_proto: max(k, k_denom) must be <= {MAX_KEEP} for the Triton "
                        f"selection, got k={k}, k_denom={k_denom}; use impl='torch'")
-    feats = row_major(feats)
-    scores = row_major(scores.detach())
-    return TopkProtoFunction.apply(scores, feats, k, k_denom, bool(normalize), PROTO_NORM_EPS)
+    return row_major(scores.detach()), row_major(feats), k, k_denom
+
+
+def topk_proto_triton(scores, feats, k, k_denom=None, normalize=True, norm_eps=1e-12):
+    """Triton twin of `hsc_fast.ops.topk_proto_reference` (shapes validated by the dispatcher
+    `hsc_fast.ops.topk_proto`): scores (C,M), feats (M,D) -> float32 (C,D)."""
+    scores, feats, k, k_denom = prepare_inputs(scores, feats, k, k_denom)
+    return TopkProtoFunction.apply(scores, feats, k, k_denom, bool(normalize), float(norm_eps))

@@ -2,19 +2,32 @@
 
 On CPU they run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so the shapes are
 small but awkward: odd h*w, one image, empty masks, k above the candidate count, one label
-everywhere, non-contiguous inputs, bf16. `cuda`-marked tests repeat the checks at the real
-training shapes on a GPU (compiled kernels, tensor-core bf16 paths).
+everywhere, non-contiguous inputs, bf16 (the 16-bit dot branch runs too: emulated, see
+`kernels._common.emulate_bf16`), empty inputs, the deterministic backward. `cuda`-marked tests
+repeat the checks at the real training shapes on a GPU with compiled kernels (tensor-core bf16
+paths) at the tolerances the self-check uses (`hsc_fast.kernel_check.TOLERANCES`).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from hsc_fast import ops
 from hsc_fast.errors import HscError
-from kernels.psc import psc_terms_triton
+from hsc_fast.kernel_check import TOLERANCES
+from hsc_fast.ops import LossInputError
+from kernels import _common
+from kernels.psc import _meta as _psc_meta, _to_bf16_bits, psc_terms_triton
 from kernels.topk_proto import MAX_KEEP, key_index, select_topk, topk_proto_triton
+
+pytestmark = pytest.mark.interpreter  # the CPU tests run kernels on CPU tensors
+
+
+def psc_meta(f1, p1):
+    return _psc_meta(f1, p1, backward=False)
 
 # Relative tolerance per input dtype. The kernels accumulate in float32 whatever the input;
 # 16-bit cases compare against the float32 reference run on the same (rounded) inputs, and
@@ -27,6 +40,9 @@ def assert_rel(actual, expected, rel):
     """Elementwise |a - e| <= rel * (|e| + max|e|): relative to the tensor's scale, so entries
     that are round-off-sized next to the largest ones do not need exact agreement."""
     actual, expected = actual.detach().float(), expected.detach().float()
+    if expected.numel() == 0:
+        assert actual.shape == expected.shape
+        return
     scale = expected.abs().max().clamp_min(1e-30)
     torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale.item())
 
@@ -127,20 +143,20 @@ def roi_inputs(n, d, hw, k=2, dtype=torch.float32, seed=0, device="cpu"):
     return feats, masks
 
 
-def compare_impls(op, feats, g, dtype):
+def compare_impls(op, feats, g, dtype, fwd_tol=FWD_TOL, grad_tol=GRAD_TOL):
     """Run `op(feats, impl)` as Triton and as the reference; outputs and d/dfeats must agree."""
     run = lambda impl: grads_of(lambda f: op(f, impl), (feats,), g)  # noqa: E731
     out, (df,) = run("triton")
     ref, (rf,) = run("torch")
     assert out.dtype == torch.float32 and df.dtype == dtype
-    assert_rel(out, ref, FWD_TOL[dtype])
-    assert_rel(df, rf, GRAD_TOL[dtype])
+    assert_rel(out, ref, fwd_tol[dtype])
+    assert_rel(df, rf, grad_tol[dtype])
     return out
 
 
-def check_roi(feats, masks, dtype, **eps):
+def check_roi(feats, masks, dtype, tol=None, **eps):
     g = torch.randn(feats.shape[0], masks.shape[1], feats.shape[1]).to(feats.device)
-    return compare_impls(lambda f, impl: ops.roi_pool(f, masks, impl=impl, **eps), feats, g, dtype)
+    return compare_impls(lambda f, impl: ops.roi_pool(f, masks, impl=impl, **eps), feats, g, dtype, **(tol or {}))
 
 
 @pytest.mark.parametrize("n,d,hw,k", [(3, 256, 35, 2), (1, 40, 49, 3), (2, 16, 1, 2)])
@@ -177,11 +193,11 @@ def topk_inputs(c, m, d, dtype=torch.float32, seed=0, device="cpu"):
     return scores.to(device), feats.to(device)
 
 
-def check_topk(scores, feats, k, k_denom=None, normalize=True, dtype=torch.float32):
+def check_topk(scores, feats, k, k_denom=None, normalize=True, dtype=torch.float32, tol=None):
     g = torch.randn(scores.shape[0], feats.shape[1]).to(feats.device)
     return compare_impls(
         lambda f, impl: ops.topk_proto(scores, f, k, k_denom=k_denom, normalize=normalize, impl=impl),
-        feats, g, dtype)
+        feats, g, dtype, **(tol or {}))
 
 
 @pytest.mark.parametrize("k,k_denom,normalize", [(16, None, True), (4, 32, True), (32, 8, False)])
@@ -244,12 +260,103 @@ def test_topk_proto_rejects_oversized_k():
 
 
 # ------------------------------------------------------------------------------------------
+# The 16-bit dot branch (emulated in the interpreter), determinism, empty inputs, targets
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _bf16_round_probe(x_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, _to_bf16_bits(tl.load(x_ptr + i)))
+
+
+def test_emulated_bf16_rounding_is_round_to_nearest_even():
+    """`_to_bf16_bits` must round exactly like a GPU's (and torch's) float32 -> bf16 cast: ties
+    to even, negatives, tiny and large values (the interpreter's own cast truncates)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(200, generator=g) * 10 ** torch.randint(-30, 30, (200,), generator=g).float(),
+                   torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), 2 ** -130, -0.0, 3.0e38])])
+    x = torch.cat([x, torch.zeros(256 - x.numel())])
+    out = torch.empty_like(x)
+    _bf16_round_probe[(1,)](x, out, N=256)
+    assert torch.equal(out, x.to(torch.bfloat16).float())
+
+
+def test_psc_bf16_runs_the_16bit_branch():
+    """bf16 embeddings take LOWP (emulated here): within bf16 tolerance of the float32 reference,
+    and measurably different from the float32 branch on the same (exactly upcast) values, whose
+    gradients are not rounded to bf16 -- so the branch that runs on a GPU is the one tested."""
+    inputs = psc_inputs(64, dtype=torch.bfloat16, seed=6)
+    f1, f2, y1, y2, p1, p2, m1, m2 = inputs
+    grid, meta = psc_meta(f1, p1)
+    assert meta["LOWP"] and meta["EMULATE"]
+    out, _ = check_psc(inputs, torch.bfloat16)
+    g = torch.tensor([1.0, -0.5, 2.0, 0.25])
+    fn = lambda a, b: psc_terms_triton(a, b, y1, y2, p1, p2, m1, m2, 0.1)  # noqa: E731
+    _, (d_lowp, _) = grads_of(fn, (f1, f2), g)
+    _, (d_fp32, _) = grads_of(fn, (f1.float(), f2.float()), g)
+    assert d_lowp.dtype == torch.bfloat16
+    assert (d_lowp.float() - d_fp32).abs().max() > 0
+
+
+def test_topk_proto_deterministic_mode_avoids_atomics(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the backward never launches the atomic
+    kernel, equals the reference, and repeats bit for bit."""
+    import kernels.topk_proto as tp
+    launched = []
+    real_launch = tp.launch
+    monkeypatch.setattr(tp, "launch", lambda kernel, *a, **k: (launched.append(kernel), real_launch(kernel, *a, **k)))
+    scores, feats = topk_inputs(3, 300, 16, seed=8)
+    scores = (scores * 4).round() / 4  # shared pixels between rows (what makes atomics collide)
+    torch.use_deterministic_algorithms(True)
+    try:
+        check_topk(scores, feats, 16, 40)
+        first = grads_of(lambda f: topk_proto_triton(scores, f, 16, 40), (feats,), torch.ones(3, 16))[1][0]
+        second = grads_of(lambda f: topk_proto_triton(scores, f, 16, 40), (feats,), torch.ones(3, 16))[1][0]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert tp._proto_bwd_kernel not in launched and tp._proto_kernel in launched
+    assert torch.equal(first, second)
+
+
+def test_empty_inputs_launch_nothing_and_match_the_reference():
+    feats, masks = roi_inputs(0, 32, 20)
+    assert ops.roi_pool(feats, masks, impl="triton").shape == (0, 2, 32)
+    feats, masks = roi_inputs(2, 32, 0)  # no pixels: empty regions -> zero vectors, zero gradient
+    check_roi(feats.requires_grad_(False), masks, torch.float32)
+    scores, feats = torch.zeros(4, 0), torch.zeros(0, 16)
+    for impl in ("triton", "torch"):
+        assert torch.equal(ops.topk_proto(scores, feats, 8, impl=impl), torch.zeros(4, 16))
+    f1, f2, y1, y2, p1, p2, m1, m2 = psc_inputs(0, d=16, c=3)
+    with pytest.raises(LossInputError, match="no pixels"):
+        ops.psc_terms(f1, f2, y1, y2, p1, p2, m1, m2, impl="triton")
+    _common.launch(_bf16_round_probe, (0,), torch.zeros(1), torch.zeros(1), N=16)  # zero grid: a no-op
+
+
+def test_launchers_pick_target_specific_configs_under_recording():
+    """Recording on meta tensors returns the launches a GPU would get, nothing runs; an A100 and
+    an H100 get the GPU blocks, not the interpreter's."""
+    from kernels import aot
+    with _common.recording(_common.SM80) as launches:
+        aot._psc_case(12 * 256, 128, torch.float32)
+    names = [lau.name for lau in launches]
+    assert names == ["_psc_fwd_kernel", "_psc_bwd_kernel"]
+    fwd, bwd = launches
+    assert (fwd.meta["BLOCK_M"], fwd.meta["num_warps"]) == (32, 8)
+    assert (bwd.meta["BLOCK_M"], bwd.meta["num_warps"]) == (16, 8)
+    assert not _common.is_recording()
+    f1 = torch.randn(12 * 256, 128)
+    _, interp = psc_meta(f1, torch.randn(21, 128))
+    assert interp["BLOCK_M"] == 256
+
+
+# ------------------------------------------------------------------------------------------
 # CUDA: compiled kernels at the real training shapes
 # ------------------------------------------------------------------------------------------
-CUDA_GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+CUDA_FWD_TOL, CUDA_GRAD_TOL = TOLERANCES["fwd"], TOLERANCES["grad"]
+CUDA_TOL = dict(fwd_tol=CUDA_FWD_TOL, grad_tol=CUDA_GRAD_TOL)
 
 
 @pytest.mark.cuda
+@pytest.mark.compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [12 * 16 * 16, 8 * 56 * 56 + 0])
 def test_cuda_psc_real_shapes(dtype, m):
@@ -261,24 +368,26 @@ def test_cuda_psc_real_shapes(dtype, m):
     out, (d1, d2) = run("triton")
     ref, (r1, r2) = run("torch")
     # bf16 on the GPU: 16-bit tensor-core dots with hi/lo-split prototypes (~1e-5 relative).
-    assert_rel(out, ref, 1e-5 if dtype == torch.float32 else 2e-4)
+    assert_rel(out, ref, CUDA_FWD_TOL[dtype])
     assert_rel(d1, r1, CUDA_GRAD_TOL[dtype])
     assert_rel(d2, r2, CUDA_GRAD_TOL[dtype])
 
 
 @pytest.mark.cuda
+@pytest.mark.compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,hw", [(12, 256), (8, 56 * 56)])
 def test_cuda_roi_pool_real_shapes(dtype, n, hw):
     feats, masks = roi_inputs(n, 256, hw, dtype=dtype, device="cuda")
     masks[0, 0] = 0.0
-    check_roi(feats, masks, dtype)
+    check_roi(feats, masks, dtype, tol=CUDA_TOL)
 
 
 @pytest.mark.cuda
+@pytest.mark.compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("c,m,d,k,k_denom", [(20, 12 * 256, 256, 128, None),
                                              (20, 12 * 256, 256, 16, 128),
                                              (21, 16 * 112 * 112, 128, 128, None)])
 def test_cuda_topk_proto_real_shapes(dtype, c, m, d, k, k_denom):
-    check_topk(*topk_inputs(c, m, d, dtype=dtype, device="cuda"), k, k_denom, dtype=dtype)
+    check_topk(*topk_inputs(c, m, d, dtype=dtype, device="cuda"), k, k_denom, dtype=dtype, tol=CUDA_TOL)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .. import BG_INDEX, NUM_FG
 from .. import ops
 from ..ops import upcast
+from ..precision import fp32_losses
 from .cam import CAM_EPS, label_with_bg, resize_to
 
 
@@ -43,6 +44,7 @@ def max_onehot(x: torch.Tensor, fixed: bool = False) -> torch.Tensor:
     return x
 
 
+@fp32_losses
 def adaptive_min_pooling_loss(cam_rv: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Mean of the ReLU'd lowest quarter of the per-pixel channel maxima of (cam_rv * label)'s
     20 foreground channels."""
@@ -53,6 +55,7 @@ def adaptive_min_pooling_loss(cam_rv: torch.Tensor, label: torch.Tensor) -> torc
     return F.relu(lowest).sum() / (k * n)
 
 
+@fp32_losses
 def seam_er_ecr(cam1, cam2, cam_rv1, cam_rv2, label, onehot_fixed: bool = False):
     """SEAM's equivariant regularisation (ER) and equivariant cross regularisation (ECR).
     View 1 maps are resized (bilinear, align_corners) to view 2's size. Returns (er, ecr)."""
@@ -80,6 +83,7 @@ def seam_er_ecr(cam1, cam2, cam_rv1, cam_rv2, label, onehot_fixed: bool = False)
 # ------------------------------------------------------------------------------------------
 # EPS
 # ------------------------------------------------------------------------------------------
+@fp32_losses
 def eps_saliency_loss(cam: torch.Tensor, saliency: torch.Tensor, label: torch.Tensor,
                       tau: float = 0.5, alpha: float = 0.5) -> torch.Tensor:
     """EPS: the saliency map predicted from the CAM (softmax; foreground = classes whose
@@ -140,6 +144,7 @@ def ppc_intra(e: torch.Tensor, protos: torch.Tensor, y: torch.Tensor, tau: float
     return total / max(classes.numel(), 1)
 
 
+@fp32_losses
 def ppc_loss(cam1, f1, cam2, f2, y1, y2, cfg, impl="auto", generator=None) -> torch.Tensor:
     """PPC: cross-prototype + cross-label InfoNCE (PSC's first two terms) and the mined
     intra-view term, weighted by cfg.ppc_weight. cam = normalised CAMs at the contrast size."""

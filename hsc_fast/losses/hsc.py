@@ -18,6 +18,7 @@ import torch
 from .. import BG_INDEX, NUM_FG
 from .. import ops
 from ..ops import upcast, LossInputError, l2_normalize
+from ..precision import fp32_losses
 from ..prototypes import DistContext, global_topk_sums, is_distributed, safe_ratio_normalize
 from .cam import label_scores
 
@@ -100,6 +101,7 @@ def rsc_pooled(f: torch.Tensor, y: torch.Tensor, normalize_axis: str, impl: str)
     return ops.roi_pool(f.flatten(2), masks, count_eps=ROI_EPS, norm_eps=ROI_EPS, impl=impl)
 
 
+@fp32_losses
 def rsc_loss(f1, f2, y1, y2, bank1, bank2, cfg, impl="auto", dist_ctx: Optional[DistContext] = None):
     """ROI-level semantic contrast. Banks (2,D) rows [bg, fg] per view."""
     _check_pair("rsc_loss f1/f2", f1, f2)
@@ -162,6 +164,7 @@ def sequential_bank_logits(reps, present, bank_old, bank_new, tau):
     return torch.einsum("nd,ncd->nc", anchors, state) / tau
 
 
+@fp32_losses
 def csc_loss(f1, s1, f2, s2, labels, bank1, bank2, cfg, impl="auto",
              dist_ctx: Optional[DistContext] = None):
     """Class-level semantic contrast. s = normalised CAMs (N,21,h,w); banks (21,D)."""
@@ -206,6 +209,7 @@ def csc_loss(f1, s1, f2, s2, labels, bank1, bank2, cfg, impl="auto",
 # ------------------------------------------------------------------------------------------
 # PSC
 # ------------------------------------------------------------------------------------------
+@fp32_losses
 def psc_loss(cam1, f1, cam2, f2, y1, y2, bank1, bank2, cfg, impl="auto",
              dist_ctx: Optional[DistContext] = None):
     """Pixel-level semantic contrast. cam = normalised CAMs (N,21,h,w); banks (21,D)."""
