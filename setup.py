@@ -32,13 +32,17 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80"],
-        "gpu": ["cupy-cuda12x>=13"],
+        # CuPy for the CRF lattice's hash build: pick the extra of torch's CUDA major
+        # (python -c "import torch; print(torch.version.cuda)"); hsc-doctor checks the match.
+        "gpu-cu12": ["cupy-cuda12x>=13"],
+        "gpu-cu13": ["cupy-cuda13x>=13"],
     },
     entry_points={
         "console_scripts": [
             "hsc-synth=hsc_fast.synth:main",
             "hsc-shard=hsc_fast.shard:main",
             "hsc-evaluate=hsc_fast.evaluate:main",
+            "hsc-doctor=hsc_fast.doctor:main",
         ]
     },
 )

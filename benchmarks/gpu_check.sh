@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One-shot check of the Triton kernels on a GPU machine (< 8 minutes):
-#   1. the cuda-marked tests of tests/test_kernels.py (compiled kernels at the real shapes),
-#   2. benchmarks/bench_psc.py (eager / torch.compile / triton, fp32 + bf16, fwd + fwd+bwd).
-# Results and logs land in $OUT (default benchmarks/results/gpu-check): env.txt, tests.log,
-# bench.log and psc-<device>-<date>.{json,csv,md}. Copy the latter into benchmarks/results/.
+# One-shot check of a GPU machine (< 9 minutes), everything under $OUT (default
+# benchmarks/results/gpu-check):
+#   1. env.txt       date, commit, nvidia-smi, versions
+#   2. doctor.json   python -m hsc_fast.doctor: versions, every kernel vs its reference (compiled),
+#                    AOT compile for the local arch, CRF builds vs pydensecrf, 2-step training, bench
+#   3. tests.log     the cuda-marked tests (compiled kernels at the real shapes, GPU CRF)
+#   4. psc-*.{json,csv,md}, crf-*  benchmarks/bench_psc.py and bench_crf.py
+# Copy the results into benchmarks/results/ with the device name in the file names.
 #
-# The GPU machine has Python 3.12, torch 2.11, triton 3.6 and pytest but no hsc-fast install:
-# the repo root goes on PYTHONPATH; wheels carried in an ignored .whl/ folder are installed first.
+# The GPU machine may lack an hsc-fast install: the repo root goes on PYTHONPATH; wheels carried
+# in an ignored .whl/ folder (deepspeed, webdataset, pydensecrf2) are installed first.
 # Usage (repo root): bash benchmarks/gpu_check.sh [extra bench_psc.py args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +23,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# Compiled kernels, not the interpreter (tests/conftest.py only sets a default of 1).
+# Compiled kernels, not the interpreter.
 export TRITON_INTERPRET=0
+export HSC_AOT_CACHE="$OUT/aot-cache"
 
 {
     date -u
@@ -33,15 +37,20 @@ export TRITON_INTERPRET=0
 cat "$OUT/env.txt"
 
 status=0
-echo "== cuda kernel tests"
-timeout 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider -o addopts="" tests/test_kernels.py \
-    2>&1 | tee "$OUT/tests.log" || status=1
+echo "== doctor"
+timeout 200 "$PY" -m hsc_fast.doctor --json "$OUT/doctor.json" 2>&1 | tee "$OUT/doctor.log" || status=1
 
-echo "== benchmark"
+echo "== cuda tests"
+timeout 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider -o addopts="" \
+    tests/test_kernels.py tests/test_crf_lattice.py tests/test_crf_dense.py 2>&1 | tee "$OUT/tests.log" || status=1
+
+echo "== benchmarks"
 # The compile baselines run last and stop being started after --budget-s; the hard timeout
 # leaves the incrementally written JSON of whatever finished.
-timeout 330 "$PY" benchmarks/bench_psc.py --out-dir "$OUT" --rep-ms 50 --budget-s 200 "$@" \
+timeout 150 "$PY" benchmarks/bench_psc.py --out-dir "$OUT" --rep-ms 50 --budget-s 90 "$@" \
     2>&1 | tee "$OUT/bench.log" || status=1
+timeout 90 "$PY" benchmarks/bench_crf.py --quick --out "$OUT/crf-gpu" 2>&1 | tee "$OUT/bench_crf.log" || status=1
 
+rm -rf "$OUT/aot-cache"
 ls -l "$OUT"
 exit $status

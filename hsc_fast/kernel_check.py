@@ -18,6 +18,7 @@ changes that rank's loss by float32 round-off; it is logged in that rank's log).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -88,10 +89,17 @@ def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def arch_of(device: torch.device) -> str:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"sm_{major}{minor} ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} (Triton interpreter)"
+    """'sm_90 (NVIDIA H100 80GB HBM3)' for a CUDA device; the check key's arch part."""
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    return _arch_name(device.type, index)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_name(device_type: str, index: int) -> str:
+    if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"sm_{major}{minor} ({torch.cuda.get_device_name(index)})"
+    return f"{device_type} (Triton interpreter)"
 
 
 def versions() -> str:

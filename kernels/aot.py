@@ -117,6 +117,7 @@ class Spec:
     arch: int
     args: list                  # tensors as ["tensor", dtype], others as values
     meta: dict
+    target: dict = field(default_factory=dict)   # the Target's fields (name, arch, sms, max_shared)
     key: str = ""
     cases: list = field(default_factory=list)
 
@@ -174,7 +175,7 @@ def _specialize(spec: Spec):
 def spec_key(spec: Spec) -> str:
     import triton
     _, src, options = _specialize(spec)
-    text = json.dumps([triton.__version__, spec.arch, src.hash(), sorted(options.__dict__.items(), key=str)],
+    text = json.dumps([triton.__version__, spec.target, src.hash(), sorted(options.__dict__.items(), key=str)],
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -240,7 +241,7 @@ def compile_spec(spec: Spec) -> dict:
     import triton
 
     _patch_ptxas_timer()
-    target = next((t for t in AOT_TARGETS if t.arch == spec.arch), Target(f"sm_{spec.arch}", spec.arch, 0, 0))
+    target = Target(**spec.target)
     report = Report(spec.kernel, target.name, spec.arch, _readable_constexprs(spec), ok=False,
                     inputs=_input_dtypes(spec), shared_limit=target.max_shared, cases=spec.cases)
     _PTXAS.clear()
@@ -288,7 +289,8 @@ def collect_specs(targets=AOT_TARGETS) -> list[Spec]:
                 thunk()
             for lau in launches:
                 fn = lau.kernel
-                spec = Spec(fn.fn.__module__, fn.fn.__name__, target.arch, _encode_args(lau.args), dict(lau.meta))
+                spec = Spec(fn.fn.__module__, fn.fn.__name__, target.arch, _encode_args(lau.args), dict(lau.meta),
+                            target=asdict(target))
                 spec.key = spec_key(spec)
                 specs.setdefault(spec.key, spec).cases.append(label)
     return list(specs.values())
@@ -321,10 +323,8 @@ def _run_pool(specs: list[Spec], workers: int, triton_cache: str) -> dict[str, d
             with ProcessPoolExecutor(1, initializer=_worker_init, initargs=(triton_cache,)) as pool:
                 results[spec.key] = pool.submit(compile_spec, spec).result()
         except BrokenProcessPool as e:
-            target = next((t for t in AOT_TARGETS if t.arch == spec.arch), None)
-            results[spec.key] = asdict(Report(spec.kernel, target.name if target else str(spec.arch), spec.arch,
-                                              dict(spec.meta), ok=False, error=f"compiler process crashed: {e}",
-                                              cases=spec.cases))
+            results[spec.key] = asdict(Report(spec.kernel, spec.target["name"], spec.arch, dict(spec.meta), ok=False,
+                                              error=f"compiler process crashed: {e}", cases=spec.cases))
     return results
 
 
@@ -457,10 +457,22 @@ def cuda_source_reports(targets) -> list[dict]:
     return [r for t in targets for r in compile_cuda_source(CUDA_SOURCE, "lattice_hash.cu", KERNEL_NAMES, t)]
 
 
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def markdown(reports: list[dict]) -> str:
     import triton
-    lines = [f"Ahead-of-time compile of every kernel specialisation the launchers use (triton {triton.__version__}, "
-             "`python -m kernels.aot`). shared = bytes of shared memory per block (limit of the target).", "",
+    lines = [f"Ahead-of-time compile of every kernel specialisation the launchers use (`python -m kernels.aot`; "
+             f"triton {triton.__version__}, torch {torch.__version__}, commit {_git_commit()}, "
+             f"{time.strftime('%Y-%m-%d')}, compiled on a CPU-only machine with Triton's ptxas). "
+             "shared = bytes of shared memory per block (limit of the target); ptxas s was measured when the "
+             "specialisation was first compiled (cached since); cases = the training shapes that launch it.", "",
              "| kernel | target | inputs | constexprs | ok | regs | spill st/ld (B) | shared (limit) | ptxas s | cases |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(reports, key=lambda r: (r["kernel"], r["arch"], r.get("inputs", ""),
@@ -474,7 +486,8 @@ def markdown(reports: list[dict]) -> str:
 
 
 def compile_all(archs=(80, 90), workers: int = 2, use_cache: bool = True, timeout: float = 3000.0) -> list[dict]:
-    """Run `python -m kernels.aot` in a subprocess (safe under the interpreter) -> reports."""
+    """Run `python -m kernels.aot` in a subprocess (safe under the interpreter) -> reports.
+    `archs`: compute capabilities x10 and/or 'local'."""
     with tempfile.TemporaryDirectory(prefix="hsc-aot-") as tmp:
         out = Path(tmp) / "aot.json"
         env = dict(os.environ, TRITON_INTERPRET="0")
@@ -487,10 +500,29 @@ def compile_all(archs=(80, 90), workers: int = 2, use_cache: bool = True, timeou
         return json.loads(out.read_text())
 
 
+def resolve_targets(text: str) -> list[Target]:
+    """'80,90' -> the A100 / H100 targets; 'local' -> the GPU of this machine (its SM count and
+    shared-memory limit)."""
+    targets = []
+    for item in (a.strip() for a in text.split(",") if a.strip()):
+        if item == "local":
+            if not torch.cuda.is_available():
+                raise ValueError("'local' needs a CUDA device")
+            from ._common import cuda_target
+            targets.append(cuda_target(torch.device("cuda", torch.cuda.current_device())))
+            continue
+        known = {str(t.arch): t for t in AOT_TARGETS}
+        if item not in known:
+            raise ValueError(f"unknown target {item!r}: known are {', '.join(known)} and 'local'")
+        targets.append(known[item])
+    return targets
+
+
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="80,90", help="compute capabilities x10, comma-separated (default 80,90)")
+    p.add_argument("--arch", default="80,90", help="targets, comma-separated: 80 (A100), 90 (H100/H200) or "
+                                                   "'local' (this machine's GPU); default 80,90")
     p.add_argument("--json", default="", help="write the reports as JSON to this file")
     p.add_argument("--markdown", default="", help="write the reports as a markdown table to this file")
     p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
@@ -501,11 +533,10 @@ def main(argv: Optional[list] = None) -> int:
     if INTERPRET:
         print("kernels.aot: TRITON_INTERPRET is on; run with TRITON_INTERPRET=0", file=sys.stderr)
         return 2
-    archs = [int(a) for a in args.arch.split(",") if a.strip()]
-    targets = [t for t in AOT_TARGETS if t.arch in archs]
-    if len(targets) != len(archs):
-        known = ", ".join(str(t.arch) for t in AOT_TARGETS)
-        print(f"kernels.aot: --arch {args.arch}: known targets are {known}", file=sys.stderr)
+    try:
+        targets = resolve_targets(args.arch)
+    except ValueError as e:
+        print(f"kernels.aot: --arch {args.arch}: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     specs = collect_specs(targets)
