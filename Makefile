@@ -11,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench ablation clean-venv
+.PHONY: setup lint test test-fast demo bench ablation clean-venv
 
 setup:
 	@if [ ! -f "$(VENV_CACHE)/.deps-ok" ]; then \
@@ -26,7 +26,11 @@ setup:
 	@$(PY) -c "import hsc_fast, pathlib, sys; sys.exit(pathlib.Path(hsc_fast.__file__).resolve().parent.parent != pathlib.Path('.').resolve())" 2>/dev/null \
 		|| $(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 
-test: setup
+# ruff.toml says which rules; the tests print their 15 slowest (pytest.ini).
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
 	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # Quick loop for development: skip the multi-process tests.

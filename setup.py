@@ -31,7 +31,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80", "ruff>=0.6"],
         # CuPy for the CRF lattice's hash build: pick the extra of torch's CUDA major
         # (python -c "import torch; print(torch.version.cuda)"); hsc-doctor checks the match.
         "gpu-cu12": ["cupy-cuda12x>=13"],
@@ -39,10 +39,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "hsc-synth=hsc_fast.synth:main",
-            "hsc-shard=hsc_fast.shard:main",
-            "hsc-evaluate=hsc_fast.evaluate:main",
-            "hsc-doctor=hsc_fast.doctor:main",
+            "hsc-synth=hsc_fast.cli.synth:main",
+            "hsc-shard=hsc_fast.cli.shard:main",
+            "hsc-evaluate=hsc_fast.cli.evaluate:main",
+            "hsc-doctor=hsc_fast.cli.doctor:main",
         ]
     },
 )

@@ -5,7 +5,7 @@ batched, lattice batched; on CUDA also dense and lattice on the GPU).
     python benchmarks/bench_crf.py [--quick] [--workers N] [--out benchmarks/results/crf]
 
 Inputs: the real VOC/SBD fixture photos with their ground truth (../shared/fixtures) and, when
-hsc_fast.synth is present, synthetic VOC-like scenes. Scores are made from the ground truth so
+hsc_fast.data.synth is present, synthetic VOC-like scenes. Scores are made from the ground truth so
 that mIoU means something: "seeds" = CAM-like blurred, noisy fg maps of the classes present plus
 bg = (1 - max)^alpha (2-4 labels, the INFERENCE preset); "deeplab" = a 21-way softmax of blurred
 one-hot + smooth noise (the DEEPLAB_TEST preset).
@@ -38,9 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hsc_fast import IGNORE_INDEX, NUM_CLASSES  # noqa: E402
-from hsc_fast.crf import DEEPLAB_TEST, INFERENCE, TRAIN, cam_to_crf_probs, crf_batch, crf_labels  # noqa: E402
-from hsc_fast.evaluate import confusion_matrix, miou_from_confusion  # noqa: E402
-from hsc_fast.voc import read_label_png, read_sbd_mat  # noqa: E402
+from hsc_fast.crf import DEEPLAB_TEST, INFERENCE, TRAIN, cam_to_crf_probs, crf_batch  # noqa: E402
+from hsc_fast.eval.evaluate import confusion_matrix, miou_from_confusion# noqa: E402
+from hsc_fast.data.voc import read_label_png, read_sbd_mat  # noqa: E402
 
 FIXTURES = REPO.parent / "shared" / "fixtures"
 SEED_ALPHA = 7          # bg = (1 - max fg)^alpha, as in the README recipe (t=8, alpha=7)
@@ -64,7 +64,7 @@ def fixture_samples() -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 def synthetic_samples(n: int, size: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     try:
-        from hsc_fast.synth import make_image  # noqa: PLC0415 - optional module of another helper
+        from hsc_fast.data.synth import make_image# noqa: PLC0415 - optional module of another helper
     except ImportError:
         return []
     out = []
@@ -203,12 +203,12 @@ def _median_time(fn, repeats: int, sync) -> tuple[object, float]:
 
 def run_train_crf(samples, n_images: int, repeats: int) -> list[dict]:
     """HSC's per-step 16x16 CRF (loss.train_crf_backend): 2 views x batch 12 = 24 label maps, run as
-    the Trainer does (one call per view, 12 images each) through hsc_fast.crf_train.train_crf_fn.
+    the Trainer does (one call per view, 12 images each) through hsc_fast.crf.train.train_crf_fn.
     One record per backend and device: median seconds per training step over `repeats` steps,
     pixel agreement with pydensecrf (the authors' per-image loop)."""
     import torch  # noqa: PLC0415
-    from hsc_fast.crf_lattice import cupy_available, lattice_crf_labels  # noqa: PLC0415
-    from hsc_fast.crf_train import train_crf_fn  # noqa: PLC0415
+    from hsc_fast.crf.lattice import cupy_available, lattice_crf_labels  # noqa: PLC0415
+    from hsc_fast.crf.train import train_crf_fn  # noqa: PLC0415
 
     torch.set_num_threads(1)
     imgs, labs = _train_crf_inputs(samples, n_images)
@@ -220,7 +220,7 @@ def run_train_crf(samples, n_images: int, repeats: int) -> list[dict]:
                 ("lattice", "cpu", train_crf_fn("lattice"))]
     if torch.cuda.is_available():
         variants += [("dense", "cuda", train_crf_fn("dense")), ("lattice", "cuda", train_crf_fn("lattice")),
-                     ("lattice_sort_build", "cuda", lambda i, l, **p: lattice_crf_labels(i, l, build="sort", **p))]
+                     ("lattice_sort_build", "cuda", lambda i, lab, **p: lattice_crf_labels(i, lab, build="sort", **p))]
     ref = None
     records = []
     for backend, dev, fn in variants:
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     n_synth = args.synth if args.synth is not None else (2 if args.quick else 12)
     samples = fixture_samples() + synthetic_samples(n_synth, 384, seed=0)
     if not samples:
-        print(f"no inputs: fixtures missing at {FIXTURES} and hsc_fast.synth unavailable", file=sys.stderr)
+        print(f"no inputs: fixtures missing at {FIXTURES} and hsc_fast.data.synth unavailable", file=sys.stderr)
         return 1
     meta = collect_meta(args)
     records = []

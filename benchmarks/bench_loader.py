@@ -2,7 +2,7 @@
 
     python benchmarks/bench_loader.py [--quick] [--json PATH] [--size PX] [--images N]
 
-Builds a synthetic VOC/SBD tree (hsc_fast.synth, VOC-like image sizes) and its shards in a temp
+Builds a synthetic VOC/SBD tree (hsc_fast.data.synth, VOC-like image sizes) and its shards in a temp
 folder, then times ``build_train_loader`` batches (JPEG decode, random resize/crop/flip, colour
 jitter, normalisation, collation, worker transfer) plus ``make_view2`` on the batch. Reported:
 images/s after the first batch (steady state) and including worker start-up, steady-state
@@ -30,11 +30,11 @@ sys.path.insert(0, str(HERE))
 from _benchmeta import collect_meta, default_result_path, write_results  # noqa: E402
 from hsc_fast.config import DataConfig  # noqa: E402
 from hsc_fast.data import build_train_loader, make_view2  # noqa: E402
-from hsc_fast.shard import shard_dataset  # noqa: E402
+from hsc_fast.data.shard import shard_dataset# noqa: E402
 
 
 def make_dataset(root: Path, n_images: int, size: int) -> dict:
-    from hsc_fast.synth import generate
+    from hsc_fast.data.synth import generate
     generate(root, n_images, 0, seed=0, size=size)
     voc = root / "VOC2012"
     lst = voc / "ImageSets" / "Segmentation" / "train_aug.txt"

@@ -1,5 +1,5 @@
 """Benchmark the fused loss kernels (kernels/psc.py, roi_pool.py, topk_proto.py) against eager
-PyTorch and torch.compile of the references in hsc_fast/ops.py.
+PyTorch and torch.compile of the references in hsc_fast/ops/__init__.py.
 
     python benchmarks/bench_psc.py [--quick] [--json PATH] [--no-compile] [--cases official,fullres]
 

@@ -2,7 +2,7 @@
 # One-shot check of a GPU machine (< 9 minutes), everything under $OUT (default
 # benchmarks/results/gpu-check):
 #   1. env.txt       date, commit, nvidia-smi, versions
-#   2. doctor.json   python -m hsc_fast.doctor: versions, every kernel vs its reference (compiled),
+#   2. doctor.json   python -m hsc_fast.cli.doctor: versions, every kernel vs its reference (compiled),
 #                    AOT compile for the local arch, CRF builds vs pydensecrf, 2-step training, bench
 #   3. tests.log     the cuda-marked tests (compiled kernels at the real shapes, GPU CRF)
 #   4. psc-*.{json,csv,md}, crf-*  benchmarks/bench_psc.py and bench_crf.py
@@ -38,11 +38,11 @@ cat "$OUT/env.txt"
 
 status=0
 echo "== doctor"
-timeout 200 "$PY" -m hsc_fast.doctor --json "$OUT/doctor.json" 2>&1 | tee "$OUT/doctor.log" || status=1
+timeout 200 "$PY" -m hsc_fast.cli.doctor --json "$OUT/doctor.json" 2>&1 | tee "$OUT/doctor.log" || status=1
 
 echo "== cuda tests"
 timeout 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider -o addopts="" \
-    tests/test_kernels.py tests/test_crf_lattice.py tests/test_crf_dense.py 2>&1 | tee "$OUT/tests.log" || status=1
+    tests/kernels/test_kernels.py tests/crf/test_lattice.py tests/crf/test_dense.py 2>&1 | tee "$OUT/tests.log" || status=1
 
 echo "== benchmarks"
 # The compile baselines run last and stop being started after --budget-s; the hard timeout

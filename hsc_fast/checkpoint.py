@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import os
 import random
 import re
 import shutil
@@ -34,7 +33,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .errors import WeightsError
+from hsc_fast import io
+from hsc_fast.errors import WeightsError
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
@@ -57,25 +57,13 @@ def rank_file(ckpt_dir: Path, rank: int) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Atomic writes and safe loads
 # ----------------------------------------------------------------------------------------------
-def _fsync_and_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def atomic_torch_save(obj: Any, path) -> None:
     """torch.save to a temporary sibling, then rename into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    _fsync_and_replace(tmp, path)
+    io.atomic_write(path, lambda f: torch.save(obj, f), fsync=True)
 
 
 def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    _fsync_and_replace(tmp, path)
+    io.atomic_write_text(path, text, fsync=True)
 
 
 def safe_load(path, map_location="cpu") -> Any:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import ConfigError
+from hsc_fast.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "configs"

@@ -91,7 +91,7 @@ def ensure_launch_env(local_rank_arg: Optional[int] = None, environ=os.environ) 
         environ["LOCAL_RANK"] = str(local_rank_arg)
     missing = [k for k in LAUNCHER_ENV if k not in environ]
     if missing:
-        from .errors import ConfigError
+        from hsc_fast.errors import ConfigError
         raise ConfigError(f"distributed launch: environment variable(s) {', '.join(missing)} not set "
                           f"(start with deepspeed, torchrun, or plain python without RANK/WORLD_SIZE)")
     return mode

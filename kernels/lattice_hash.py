@@ -1,4 +1,4 @@
-"""Hash-table build of the permutohedral lattice on CUDA (CuPy RawKernels), for hsc_fast.crf_lattice.
+"""Hash-table build of the permutohedral lattice on CUDA (CuPy RawKernels), for hsc_fast.crf.lattice.
 
 `hash_build(codes, deltas)` numbers the lattice vertices of `codes` (N, d+1) int64 and finds each
 vertex's blur neighbours (code +- delta per lattice axis): the same result as crf_lattice's sort
@@ -7,10 +7,10 @@ atomicCAS inserts, load factor <= 1/2). Tensors cross between torch and CuPy thr
 copies) and the kernels run on torch's current stream.
 
 `CUDA_SOURCE` is compiled by CuPy's NVRTC at first use on the user's machine, and ahead of time for
-sm_80 / sm_90 by `kernels.aot.compile_cuda_source` (tests/test_aot_compile.py), so a source that
+sm_80 / sm_90 by `kernels.aot.compile_cuda_source` (tests/kernels/test_aot_compile.py), so a source that
 no NVRTC accepts is found on a CPU machine. Whether CuPy's build really works on a given machine
 (a CuPy built for another CUDA major finds no NVRTC and fails only at compile time) is proven by
-`hsc_fast.crf_lattice.cupy_available`, which runs this build once against the sort build.
+`hsc_fast.crf.lattice.cupy_available`, which runs this build once against the sort build.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CAM inference, threshold sweep, seeds and CRF pseudo-labels (see hsc_fast/seeds.py).
+"""CAM inference, threshold sweep, seeds and CRF pseudo-labels (see hsc_fast/eval/seeds.py).
 
     python launch/make_seeds.py --checkpoint runs/x --data data/VOC2012 --out runs/x/seeds
     torchrun --standalone --nproc_per_node 8 launch/make_seeds.py ...   (or: deepspeed launch/make_seeds.py ...)
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hsc_fast.seeds import main  # noqa: E402
+from hsc_fast.cli.make_seeds import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

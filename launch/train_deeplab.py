@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Train and evaluate DeepLab on pseudo-labels. Thin wrapper: everything lives in
-hsc_fast.deeplab_train (see --help)."""
+hsc_fast.engine.deeplab_trainer (see --help)."""
 import os
 import sys
 
@@ -8,7 +8,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # the deepspeed launcher does not
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hsc_fast.deeplab_train import main  # noqa: E402
+from hsc_fast.cli.train_deeplab import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -60,8 +60,8 @@ def reference_run(tmp_path_factory, config: Path) -> dict:
 
 def make_shards(root: Path, n_train: int = 16, shard_size: int = 4, size: int = 64, saliency: bool = False) -> Path:
     """Synthetic VOC/SBD tree -> shards; returns the shard folder (holding index.json)."""
-    from hsc_fast.shard import shard_dataset
-    from hsc_fast.synth import generate
+    from hsc_fast.data.shard import shard_dataset
+    from hsc_fast.data.synth import generate
     root = Path(root)
     generate(root, n_train, 0, seed=1, size=size)
     extra = {"saliency_root": root / "SaliencyMaps"} if saliency else {}
@@ -223,7 +223,7 @@ def trapped_text(path, text):
     return real_text(path, text)
 
 C.atomic_torch_save, C.atomic_write_text = trapped_save, trapped_text
-from hsc_fast.engine import main
+from hsc_fast.cli.train_cam import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -55,7 +55,7 @@ def fixtures_dir() -> Path:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """After tests/test_aot_compile.py: registers, spills and ptxas seconds per kernel and target."""
+    """After tests/kernels/test_aot_compile.py: registers, spills and ptxas seconds per kernel and target."""
     try:
         from test_aot_compile import AOT_KEY
     except ImportError:

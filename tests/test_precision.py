@@ -14,7 +14,7 @@ from hsc_fast.losses import (adaptive_min_pooling_loss, classification_loss, csc
                              method_losses, ppc_loss, psc_loss, rsc_loss, seam_er_ecr)
 from hsc_fast.losses.cam import normalize_cam, pseudo_labels
 from hsc_fast.precision import fp32_losses, no_autocast
-from hsc_fast.prototypes import PrototypeBanks
+from hsc_fast.losses.prototypes import PrototypeBanks
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -101,7 +101,7 @@ def test_bf16_inputs_are_computed_in_fp32():
 
 @pytest.mark.parametrize("method", ["hsc_eps", "ppc_seam"])
 def test_method_losses_under_autocast_equal_fp32(method):
-    from test_losses import fake_outputs
+    from losses.test_losses import fake_outputs
     out1, out2, batch = fake_outputs(n=2, seed=3)
     cfg = LossConfig.official(impl="torch", method=method, train_crf=True, contrast_size=4, csc_topk=16,
                               csc_update_topk=4, psc_topk=2)
@@ -119,12 +119,12 @@ def test_a_training_step_under_cpu_autocast_computes_the_losses_in_fp32(tmp_path
     """Trainer.train_step with train.cpu_bf16_autocast: the network runs in bf16, and the step's
     loss terms equal method_losses recomputed without autocast on the same network outputs."""
     import hsc_fast.losses as losses_pkg
-    from test_train import tiny_cfg
+    from engine.test_train import tiny_cfg
     pytest.importorskip("deepspeed")
     from hsc_fast import distributed as D
     from hsc_fast.data import build_train_loader
-    from hsc_fast.engine import Trainer
-    from hsc_fast.synth import generate
+    from hsc_fast.engine.cam_trainer import Trainer
+    from hsc_fast.data.synth import generate
 
     data = tmp_path / "synth"
     generate(data, 6, 2, 0, 64)

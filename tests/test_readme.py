@@ -3,7 +3,7 @@ commands it names exist."""
 from pathlib import Path
 
 from hsc_fast.config import markdown_reference
-from hsc_fast.pipeline import STAGES
+from hsc_fast.engine.pipeline import STAGES
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

@@ -6,7 +6,7 @@ Where each part of a sample comes from (first match wins):
   * labels:   the cls_labels file when given (an id missing there is an error), else
               ``VOC/Annotations/ID.xml``, else the classes present in the mask, else an error
   * saliency: ``SALIENCY/ID.png`` (or ``.jpg``) when a saliency root is given (then required)
-Every path is built with :func:`hsc_fast.voc.safe_join`, so a list id cannot escape its root.
+Every path is built with :func:`hsc_fast.data.voc.safe_join`, so a list id cannot escape its root.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError
-from ..voc import (check_id, classes_in_mask, encode_label_png, load_cls_labels, multihot_to_classes,
+from hsc_fast.errors import DataError
+from hsc_fast.data.voc import (check_id, classes_in_mask, encode_label_png, load_cls_labels, multihot_to_classes,
                    parse_voc_xml, read_id_list, read_label_png, read_sbd_mat, safe_join)
-from . import samples as S
+from hsc_fast.data import samples as S
 
 PathLike = Union[str, os.PathLike]
 

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from ..errors import ConfigError, DataError
-from . import samples as S
-from .folder import FolderDataset, decode_eval_sample
-from .transforms import TwoViewTransform, finish_batch
+from hsc_fast.errors import ConfigError, DataError
+from hsc_fast.data import samples as S
+from hsc_fast.data.folder import FolderDataset, decode_eval_sample
+from hsc_fast.data.transforms import TwoViewTransform, finish_batch
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _read_index(path: Path) -> dict:
     except (OSError, ValueError, RecursionError) as e:  # unreadable, bad UTF-8 / JSON, absurd nesting
         raise DataError(f"{path}: cannot read the shard index ({str(e)[:200]})") from e
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
-        raise DataError(f"{path}: expected a shard index with a 'shards' list (written by hsc_fast.shard)")
+        raise DataError(f"{path}: expected a shard index with a 'shards' list (written by hsc_fast.data.shard)")
     return index
 
 
@@ -115,7 +115,7 @@ class ShardSet:
         index_path = path if s.endswith(".json") else path / INDEX_NAME if path.is_dir() else None
         if index_path is not None:
             self.index = _read_index(index_path)
-            from ..voc import safe_join
+            from hsc_fast.data.voc import safe_join
             self.urls = [str(safe_join(index_path.parent, e["file"])) for e in self.index["shards"]]
             self.ids = [list(e.get("ids", [])) for e in self.index["shards"]]
         else:
@@ -250,7 +250,7 @@ def _fail_on_empty_shards(urls: Iterator[dict], read) -> Iterator[dict]:
             opened[0] += 1
             if opened[0] > MAX_EMPTY_SHARDS:
                 raise DataError(f"{MAX_EMPTY_SHARDS} shards in a row gave no sample (last: {url.get('url')}): "
-                                "are the shards empty or unreadable? (python -m hsc_fast.shard --verify DIR)")
+                                "are the shards empty or unreadable? (python -m hsc_fast.cli.shard --verify DIR)")
             yield url
 
     for sample in read(counted()):

@@ -19,9 +19,9 @@ from typing import Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .. import NUM_FG
-from ..errors import DataError
-from ..voc import classes_to_multihot, read_label_png
+from hsc_fast import NUM_FG
+from hsc_fast.errors import DataError
+from hsc_fast.data.voc import classes_to_multihot, read_label_png
 
 KEY = "__key__"
 IMAGE = "jpg"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from ..errors import ConfigError
+from hsc_fast.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import BG_INDEX, NUM_FG
-from .. import ops
-from ..ops import upcast
-from ..precision import fp32_losses
-from .cam import CAM_EPS, label_with_bg, resize_to
+from hsc_fast import BG_INDEX, NUM_FG
+from hsc_fast import ops
+from hsc_fast.ops import upcast
+from hsc_fast.precision import fp32_losses
+from hsc_fast.losses.cam import CAM_EPS, label_with_bg, resize_to
 
 
 # ------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def ppc_intra(e: torch.Tensor, protos: torch.Tensor, y: torch.Tensor, tau: float
 def ppc_loss(cam1, f1, cam2, f2, y1, y2, cfg, impl="auto", generator=None) -> torch.Tensor:
     """PPC: cross-prototype + cross-label InfoNCE (PSC's first two terms) and the mined
     intra-view term, weighted by cfg.ppc_weight. cam = normalised CAMs at the contrast size."""
-    from .hsc import class_vectors, flatten_channels, flatten_pixels
+    from hsc_fast.losses.hsc import class_vectors, flatten_channels, flatten_pixels
     with torch.no_grad():
         p1 = class_vectors(flatten_channels(upcast(cam1)), flatten_pixels(upcast(f1.detach())), cfg.psc_topk, impl=impl)
         p2 = class_vectors(flatten_channels(upcast(cam2)), flatten_pixels(upcast(f2.detach())), cfg.psc_topk, impl=impl)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import BG_INDEX, NUM_CLASSES, NUM_FG
-from ..ops import upcast, LossInputError
-from ..precision import fp32_losses
+from hsc_fast import BG_INDEX, NUM_CLASSES, NUM_FG
+from hsc_fast.ops import upcast, LossInputError
+from hsc_fast.precision import fp32_losses
 
 CAM_EPS = 1e-5  # the official min-max normalisation epsilon
 
@@ -92,7 +92,7 @@ def crf_images(img: torch.Tensor, size: tuple[int, int], mean, std) -> torch.Ten
     float32 with the constants multiplied in Python first (``float32(0.224 * 255)``, not
     ``float32(0.224) * 255``: the green one differs by 1 ulp, enough to move a pixel by one grey
     level), truncated to uint8 like their ``astype(np.uint8)`` (clamped first: out-of-range values
-    would wrap there). Returned on `img`'s device. tests/test_official_step.py pins a known input."""
+    would wrap there). Returned on `img`'s device. tests/engine/test_official_step.py pins a known input."""
     small = resize_to(upcast(img.detach()).cpu(), size)   # CPU: CUDA's bilinear kernel may round differently
     mean255 = torch.tensor([float(m) * 255 for m in mean], dtype=torch.float32)[None, :, None, None]
     std255 = torch.tensor([float(s) * 255 for s in std], dtype=torch.float32)[None, :, None, None]

@@ -6,7 +6,7 @@ Inputs are at the contrast resolution (see `cam.resize_to_contrast`): f = projec
 new_bank2) and never mutates its inputs. With `LossConfig.official()` the values, the bank
 updates and the gradients equal the authors' code (module/train.py); unlike it, they stay
 finite for N=1, batches without foreground, all-background labels and k above the pixel count.
-`dist_ctx` (hsc_fast.prototypes.DistContext) makes every batch statistic global over the
+`dist_ctx` (hsc_fast.losses.prototypes.DistContext) makes every batch statistic global over the
 data-parallel ranks (see the prototypes module docstring).
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Optional
 
 import torch
 
-from .. import BG_INDEX, NUM_FG
-from .. import ops
-from ..ops import upcast, LossInputError, l2_normalize
-from ..precision import fp32_losses
-from ..prototypes import DistContext, global_topk_sums, is_distributed, safe_ratio_normalize
-from .cam import label_scores
+from hsc_fast import BG_INDEX, NUM_FG
+from hsc_fast import ops
+from hsc_fast.ops import upcast, LossInputError, l2_normalize
+from hsc_fast.precision import fp32_losses
+from hsc_fast.losses.prototypes import DistContext, global_topk_sums, is_distributed, safe_ratio_normalize
+from hsc_fast.losses.cam import label_scores
 
 SIM_CLAMP = (5e-4, 0.9995)   # official SimMinLoss clamp of the cosine similarity
 ROI_EPS = 1e-5               # official RSC count and normalisation epsilon

@@ -53,7 +53,7 @@ CAMs); the momentum prototypes P, P~, Q, Q' are constants (EMA-updated, never le
 Float32 math with autocast off (precision.fp32_losses), as the code's losses; the primitives are
 ops.roi_pool / ops.topk_proto / ops.psc_terms, so the fused Triton kernels serve both formulations.
 
-Measured (tests/test_paper_formulation.py): against loop implementations of each equation in
+Measured (tests/losses/test_paper_formulation.py): against loop implementations of each equation in
 float64, loss values, prototype updates and gradients agree to <= 2e-16 (RSC, CSC, PSC); the
 Triton kernels (interpreter) agree with the torch references to 2e-7 in float32; 2 gloo ranks
 equal one process with the whole batch (values, banks, averaged gradients) to 1e-5.
@@ -65,14 +65,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import BG_INDEX, NUM_FG
-from .. import ops
-from ..errors import ConfigError
-from ..ops import LossInputError, l2_normalize, upcast
-from ..precision import fp32_losses
-from ..prototypes import DistContext, is_distributed
-from .cam import label_scores
-from .hsc import (ROI_EPS, _check_bank, _check_labels, _check_pair, csc_loss, ema, finish, psc_loss, rsc_loss,
+from hsc_fast import BG_INDEX, NUM_FG
+from hsc_fast import ops
+from hsc_fast.errors import ConfigError
+from hsc_fast.ops import LossInputError, l2_normalize, upcast
+from hsc_fast.precision import fp32_losses
+from hsc_fast.losses.prototypes import DistContext, is_distributed
+from hsc_fast.losses.cam import label_scores
+from hsc_fast.losses.hsc import (ROI_EPS, _check_bank, _check_labels, _check_pair, csc_loss, ema, finish, psc_loss, rsc_loss,
                   zero_loss)
 
 SIM_MAX = 0.9995          # eq. 4 numerical guard: -log(1 - sim) is infinite at sim = 1 (the code's upper clamp)

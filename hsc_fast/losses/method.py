@@ -15,14 +15,14 @@ from typing import Callable, Optional
 
 import torch
 
-from ..errors import ConfigError
-from ..ops import upcast, LossInputError
-from ..precision import fp32_losses
-from ..prototypes import DistContext, PrototypeBanks
-from .baselines import adaptive_min_pooling_loss, eps_saliency_loss, ppc_loss, seam_er_ecr
-from .cam import (classification_loss, contrast_hw, crf_images, normalize_cam, pseudo_labels,
+from hsc_fast.errors import ConfigError
+from hsc_fast.ops import upcast, LossInputError
+from hsc_fast.precision import fp32_losses
+from hsc_fast.losses.prototypes import DistContext, PrototypeBanks
+from hsc_fast.losses.baselines import adaptive_min_pooling_loss, eps_saliency_loss, ppc_loss, seam_er_ecr
+from hsc_fast.losses.cam import (classification_loss, contrast_hw, crf_images, normalize_cam, pseudo_labels,
                   resize_to)
-from .hsc_paper import hsc_losses
+from hsc_fast.losses.hsc_paper import hsc_losses
 
 METHODS = ("seam", "eps", "ppc_seam", "ppc_eps", "hsc_seam", "hsc_eps")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,8 +30,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_crf_fn(backend: str = "lattice"):
-    """The training CRF of `loss.train_crf_backend` (lattice | dense | pydensecrf; hsc_fast.crf_train)."""
-    from ..crf_train import train_crf_fn  # lazy: tests and CRF-free runs never import it
+    """The training CRF of `loss.train_crf_backend` (lattice | dense | pydensecrf; hsc_fast.crf.train)."""
+    from hsc_fast.crf.train import train_crf_fn  # lazy: tests and CRF-free runs never import it
     return train_crf_fn(backend)
 
 

@@ -5,11 +5,11 @@
     out = model(img)                            # {"cam", "pred", "cam_rv", "pred_rv", "feat_psc", "feat_rsc"}
     opt_groups = model.param_groups(lr, wd)     # official 1x / 2x / 10x / 20x groups
 """
-from .backbones import BACKBONES, TorchvisionResNet, build_backbone, dilate_layer
-from .cam_net import (CamNet, LoadReport, PixelCorrelation, build_cam_model, load_pretrained,
+from hsc_fast.models.backbones import BACKBONES, TorchvisionResNet, build_backbone, dilate_layer
+from hsc_fast.models.cam_net import (CamNet, LoadReport, PixelCorrelation, build_cam_model, load_pretrained,
                       pcm_cam_input, read_weights)
-from .mxnet_params import read_mxnet_params, write_mxnet_params
-from .resnet38 import ResNet38, convert_mxnet_resnet38, mxnet_key_to_torch
+from hsc_fast.models.mxnet_params import read_mxnet_params, write_mxnet_params
+from hsc_fast.models.resnet38 import ResNet38, convert_mxnet_resnet38, mxnet_key_to_torch
 
 __all__ = [
     "BACKBONES", "CamNet", "LoadReport", "PixelCorrelation", "ResNet38", "TorchvisionResNet",

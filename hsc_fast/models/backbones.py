@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from ..errors import ConfigError
-from .resnet38 import ResNet38
+from hsc_fast.errors import ConfigError
+from hsc_fast.models.resnet38 import ResNet38
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet50")
 BACKBONES = ("resnet38",) + TORCHVISION_BACKBONES

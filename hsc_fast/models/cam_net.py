@@ -34,10 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..config import ModelConfig
-from ..errors import ConfigError, WeightsError
-from .backbones import build_backbone
-from .mxnet_params import read_mxnet_params
+from hsc_fast.config import ModelConfig
+from hsc_fast.errors import ConfigError, WeightsError
+from hsc_fast.models.backbones import build_backbone
+from hsc_fast.models.mxnet_params import read_mxnet_params
 
 PCM_CONV4_DIM, PCM_CONV5_DIM, PCM_OUT_DIM = 64, 128, 192
 RSC_PROJ_KINDS = ("official", "paper")

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from ..errors import WeightsError
+from hsc_fast.errors import WeightsError
 
 _RESNETS = {"resnet101": torchvision.models.resnet101, "resnet50": torchvision.models.resnet50,
             "resnet18": torchvision.models.resnet18}

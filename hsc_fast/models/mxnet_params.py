@@ -29,7 +29,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from ..errors import WeightsError
+from hsc_fast.errors import WeightsError
 
 LIST_MAGIC = 0x112
 NDARRAY_V1_MAGIC = 0xF993FAC8

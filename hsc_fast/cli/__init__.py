@@ -1,0 +1,1 @@
+"""Command lines: every argparse parser and main() of hsc-fast (launch/ scripts and console scripts call these)."""

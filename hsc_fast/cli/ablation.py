@@ -1,0 +1,64 @@
+"""HSC ablation on the synthetic set (paper Table 4 rows + the EPS pair).
+
+Run as `launch/ablation.py`; the work itself lives below cli/."""
+from __future__ import annotations
+
+from pathlib import Path
+import argparse
+import sys
+
+from hsc_fast.config import load_config
+from hsc_fast.engine.ablation import VARIANTS, run_ablation, select_variants
+from hsc_fast.errors import ConfigError, HscError
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    from hsc_fast.engine.pipeline import add_dataset_args
+    p = argparse.ArgumentParser(
+        prog="launch/ablation.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="HSC ablation (paper Table 4 rows + the EPS pair) at one budget and seed: seed mIoU per variant.",
+        epilog="variants: " + ", ".join(f"{v.name} ({v.title})" for v in VARIANTS) + "\n"
+               "examples:\n"
+               "  python launch/ablation.py --run-dir runs/ablation\n"
+               "  python launch/ablation.py --run-dir runs/abl600 --set train.max_steps=600 --set optim.poly_steps=600\n"
+               "  python launch/ablation.py --run-dir runs/ablation --variants seam,hsc_seam")
+    p.add_argument("--run-dir", required=True, help="shared data + one folder per variant + ablation.json/.md")
+    p.add_argument("--config", default="ablation/demo",
+                   help="shared YAML config or preset (default: configs/ablation/demo.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every variant (repeatable), e.g. train.max_steps=600")
+    p.add_argument("--variants", default="all", help="comma-separated subset (default: all)")
+    p.add_argument("--force", action="store_true", help="delete and rerun the selected variants")
+    add_dataset_args(p, val=False)  # --voc-root etc.: a real VOC2012 instead of the synthetic set
+    return p
+
+
+def main(argv=None) -> int:
+    from hsc_fast.engine.pipeline import dataset_from_args, start_context
+    from hsc_fast.engine.pretrain import fill_weights
+    args = build_parser().parse_args(argv)
+    args.demo, args.val_list = not args.voc_root, ""
+    run_dir = Path(args.run_dir).resolve()
+    try:
+        base_cfg = load_config(args.config, args.set)
+        fill_weights(base_cfg, run_dir)  # every variant starts from the one shared SynthNet file
+        variants = select_variants(args.variants)
+        data = dataset_from_args(args, run_dir)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from hsc_fast import distributed as D
+    root, info = start_context(base_cfg, run_dir, data, args)
+    command = " ".join(["python launch/ablation.py"] + list(argv if argv is not None else sys.argv[1:]))
+    try:
+        run_ablation(root, base_cfg, variants, force=args.force, command=command,
+                               log=print if root.rank == 0 else (lambda *_: None))
+    except HscError as e:
+        print(f"[rank {root.rank}] ablation failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        D.shutdown(info)
+    if root.rank == 0:
+        print((run_dir / "ablation.md").read_text())
+    return 0

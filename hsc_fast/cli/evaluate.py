@@ -1,0 +1,58 @@
+"""mIoU of predicted label PNGs against VOC ground truth (hsc-evaluate).
+
+Run as `python -m hsc_fast.cli.evaluate`; the work itself lives below cli/."""
+from __future__ import annotations
+
+from typing import Optional
+from typing import Sequence
+import argparse
+import os
+import sys
+
+from hsc_fast.data.voc import read_id_list
+from hsc_fast.eval.evaluate import _dist_rank_world, evaluate, format_table, write_outputs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hsc_fast.cli.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gt", required=True, help="ground-truth label PNGs (palette or index)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pred", help="predicted label PNGs ({id}.png)")
+    src.add_argument("--cam", help="CAM files ({id}.npy or {id}.npz): background-threshold sweep")
+    p.add_argument("--thresholds", default="0.00:0.60:0.01", help="sweep A:B:STEP, B excluded (default %(default)s)")
+    p.add_argument("--list", help="id list (default: <gt>/../ImageSets/Segmentation/train.txt, else all GT PNGs)")
+    p.add_argument("--json", help="write the result here (and the sweep curve as the same name .png)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes (default %(default)s)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="missing prediction = all background; missing ground truth = id skipped")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """Parse, evaluate, print the table (rank 0) and return the result dict."""
+    args = build_parser().parse_args(argv)
+    ids = read_id_list(args.list) if args.list else None
+    result = evaluate(args.gt, pred_dir=args.pred, cam_dir=args.cam, ids=ids, thresholds=args.thresholds,
+                      allow_missing=args.allow_missing, workers=args.workers, progress=not args.no_progress)
+    if _dist_rank_world()[0] == 0:
+        print(format_table(result))
+        if args.json:
+            write_outputs(result, args.json)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point: exit 0 when evaluated, 2 on bad input (named in the message)."""
+    from hsc_fast.errors import HscError
+    try:
+        run(argv)
+    except HscError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

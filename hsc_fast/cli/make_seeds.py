@@ -1,0 +1,105 @@
+"""CAM inference, threshold sweep, seeds and CRF pseudo-labels.
+
+Run as `launch/make_seeds.py`; the work itself lives below cli/."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+from typing import Sequence
+import argparse
+import sys
+
+from hsc_fast.config import RunConfig, load_config
+from hsc_fast.data.voc import read_id_list
+from hsc_fast.distributed import init_distributed, shutdown
+from hsc_fast.errors import ConfigError, HscError
+from hsc_fast.eval.seeds import N_OVERLAYS, SeedJob, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="CAM inference, threshold sweep, seeds and CRF pseudo-labels.")
+    p.add_argument("--config", help="YAML config or preset (default: RUN_DIR/config.yaml beside the checkpoint)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--checkpoint", help="RUN_DIR (uses RUN_DIR/final/model.pt) or a state_dict .pt")
+    p.add_argument("--data", required=True, help="VOC root folder (JPEGImages/) or shards/index.json")
+    p.add_argument("--list", help="ids (default: seeds.eval_list, else <data>/ImageSets/Segmentation/train.txt)")
+    p.add_argument("--gt", help="ground-truth PNGs for the sweep/CRF evaluation (default: <data>/SegmentationClass)")
+    p.add_argument("--cls-labels", help="image-level labels (.npy/.json) for folder data "
+                                        "(default: data.cls_labels, <data>/cls_labels.npy, XML, masks)")
+    p.add_argument("--sbd-root", help="SBD folder (img/) for folder data: ids without a VOC JPEG (default: data.sbd_root)")
+    p.add_argument("--out", required=True, help="output folder (cam_npy/, seeds/, pseudo_labels/, overlays/)")
+    p.add_argument("--stage", default="all", choices=("cam", "sweep", "crf", "all"))
+    p.add_argument("--scales", help="comma-separated inference scales (default: seeds.scales)")
+    p.add_argument("--no-flip", action="store_true", help="no flipped inputs")
+    p.add_argument("--fp16", action="store_true", help="store CAMs as float16")
+    p.add_argument("--format", default="npy", choices=("npy", "npz"), help="CAM file format (see module doc)")
+    p.add_argument("--bg-threshold", type=float, help="seed threshold (default: seeds.bg_threshold, -1 = best of sweep)")
+    p.add_argument("--thresholds", help="sweep A:B:STEP (default: seeds.thresholds)")
+    p.add_argument("--crf-backend", choices=("pydensecrf", "gpu"), help="default: seeds.crf_backend")
+    p.add_argument("--uncertain-margin", type=float, default=0.0,
+                   help="CRF pixels whose top-2 probabilities differ by less become 255 (default 0: off)")
+    p.add_argument("--overlays", type=int, default=N_OVERLAYS, help="inspection pictures written by rank 0")
+    p.add_argument("--workers", type=int, default=2, help="loader / evaluation / CRF processes per rank")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _config_from_args(args) -> RunConfig:
+    cfg_path = args.config
+    if cfg_path is None and args.checkpoint:
+        ck = Path(args.checkpoint)
+        run_dir = ck if ck.is_dir() else ck.parent.parent
+        if (run_dir / "config.yaml").is_file():
+            cfg_path = str(run_dir / "config.yaml")
+    overrides = list(args.set)
+    if args.scales:
+        overrides.append(f"seeds.scales=[{args.scales}]")
+    for flag, key in ((args.fp16 or None, "seeds.fp16"), (args.bg_threshold, "seeds.bg_threshold"),
+                      (args.thresholds, "seeds.thresholds"), (args.crf_backend, "seeds.crf_backend")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    if args.no_flip:
+        overrides.append("seeds.flip=false")
+    return load_config(cfg_path, overrides)
+
+
+def _id_list(args, cfg: RunConfig) -> list[str]:
+    path = args.list or cfg.seeds.eval_list
+    if not path:
+        default = Path(args.data) / "ImageSets" / "Segmentation" / "train.txt"
+        if not default.is_file():
+            raise ConfigError(f"no id list: give --list (or seeds.eval_list); {default} does not exist")
+        path = default
+    return read_id_list(path)
+
+
+def job_from_args(args) -> SeedJob:
+    cfg = _config_from_args(args)
+    gt, data = args.gt, Path(args.data)
+    if gt is None and data.is_dir() and (data / "SegmentationClass").is_dir():
+        gt = str(data / "SegmentationClass")
+    cls_labels = args.cls_labels or cfg.data.cls_labels or None
+    if cls_labels is None and data.is_dir() and (data / "cls_labels.npy").is_file():
+        cls_labels = str(data / "cls_labels.npy")
+    return SeedJob(cfg=cfg, data=args.data, out=args.out, ids=_id_list(args, cfg), stage=args.stage,
+                   checkpoint=args.checkpoint, gt=gt, cls_labels=cls_labels,
+                   sbd_root=args.sbd_root or cfg.data.sbd_root or None, fmt=args.format, workers=args.workers, uncertain_margin=args.uncertain_margin,
+                   overlays=args.overlays, progress=not args.no_progress)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    info = None
+    try:
+        job = job_from_args(args)
+        # Ranks finish stages at different times (CRF): wait up to an hour at the barriers.
+        info = init_distributed(timeout_s=max(job.cfg.train.dist_timeout_s, 3600),
+                                local_rank_arg=args.local_rank, use_deepspeed=False)
+        run(job, info.device)
+    except HscError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown(info)
+    return 0

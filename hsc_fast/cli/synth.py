@@ -1,0 +1,37 @@
+"""The embedded synthetic VOC-style dataset (hsc-synth).
+
+Run as `python -m hsc_fast.cli.synth`; the work itself lives below cli/."""
+from __future__ import annotations
+
+from typing import Optional
+from typing import Sequence
+import argparse
+import sys
+
+from hsc_fast.data.synth import generate
+from hsc_fast.errors import ConfigError
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hsc_fast.cli.synth", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output folder (created; files are overwritten)")
+    ap.add_argument("--n-train", type=int, required=True, help="train_aug images")
+    ap.add_argument("--n-val", type=int, required=True, help="val images")
+    ap.add_argument("--seed", type=int, default=0, help="generation seed")
+    ap.add_argument("--size", type=int, default=256, help="image side in pixels")
+    ap.add_argument("--sbd-fraction", type=float, default=0.3, help="share of train ids stored only in SBD/")
+    args = ap.parse_args(argv)
+    try:
+        s = generate(args.out, args.n_train, args.n_val, args.seed, args.size, args.sbd_fraction)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {s['images']} images to {args.out}: train_aug {s['train_aug']} "
+          f"(VOC masks {s['train_voc']}, SBD only {s['sbd']}), val {s['val']}; "
+          f"{s['seconds']:.1f} s, {s['images_per_s']:.0f} images/s")
+    print("images per class: " + ", ".join(f"{k} {v}" for k, v in s["class_counts"].items()))
+    print("scenes: " + ", ".join(f"{k} {v}" for k, v in s["scene_counts"].items()))
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

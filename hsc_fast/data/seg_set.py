@@ -1,0 +1,222 @@
+"""DeepLab stage pieces that do not depend on the training engine: data, augmentation, inference.
+
+Training pairs are (image, pseudo-label PNG) by id; images come from any `id -> uint8 HWC` reader
+(VOC/SBD folders or shards), labels from a folder of palette/index PNGs (pseudo-labels or ground
+truth for comparison). The reference recipe: random scale 0.5-1.5, flip, crop 448 padded with
+image 0 / label 255, ImageNet normalisation; test: scales 0.5-1.75 with flip, optional CRF.
+"""
+from __future__ import annotations
+
+import math
+import tarfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hsc_fast import IGNORE_INDEX
+from hsc_fast.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_image(img_uint8_hwc: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 HWC -> float CHW normalised tensor."""
+    x = torch.from_numpy(np.ascontiguousarray(img_uint8_hwc)).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    return (x - m) / s
+
+
+def seg_augment(img: np.ndarray, label: np.ndarray, rng: np.random.Generator, *, crop: int,
+                scale_range: Sequence[float], flip: bool = True, mean=IMAGENET_MEAN,
+                std=IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random scale, flip, normalise, random crop with padding (image 0 after normalisation, label 255)."""
+    if img.shape[:2] != label.shape:
+        raise DataError(f"image {img.shape[:2]} and label {label.shape} sizes differ")
+    x = normalize_image(img, mean, std)
+    y = torch.from_numpy(label.astype(np.int64))
+    scale = float(rng.uniform(scale_range[0], scale_range[1]))
+    h, w = label.shape
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    y = F.interpolate(y[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
+    if flip and rng.random() < 0.5:
+        x, y = x.flip(-1), y.flip(-1)
+    ph, pw = max(crop - nh, 0), max(crop - nw, 0)
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), value=0.0)
+        y = F.pad(y, (0, pw, 0, ph), value=IGNORE_INDEX)
+    top = int(rng.integers(0, x.shape[1] - crop + 1))
+    left = int(rng.integers(0, x.shape[2] - crop + 1))
+    return x[:, top:top + crop, left:left + crop], y[top:top + crop, left:left + crop]
+
+
+class SegTrainSet(torch.utils.data.Dataset):
+    """(image, label) pairs by id with the DeepLab augmentation; deterministic per (seed, index, epoch)."""
+
+    def __init__(self, ids: Sequence[str], read_image: Callable[[str], np.ndarray], label_dir: str,
+                 *, crop: int, scale_range: Sequence[float], flip: bool = True, seed: int = 0):
+        from hsc_fast.data.voc import read_label_png, safe_join
+        self.ids = list(ids)
+        self.read_image = read_image
+        self.label_dir = Path(label_dir)
+        self._read_label = read_label_png
+        self._safe_join = safe_join
+        self.crop, self.scale_range, self.flip, self.seed = crop, scale_range, flip, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.ids)
+
+    def label_path(self, key: str) -> Path:
+        return Path(self._safe_join(self.label_dir, f"{key}.png"))
+
+    def __getitem__(self, i):
+        key = self.ids[i]
+        path = self.label_path(key)
+        if not path.is_file():
+            raise DataError(f"no label PNG for id '{key}': expected {path}")
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        x, y = seg_augment(self.read_image(key), self._read_label(path), rng, crop=self.crop,
+                           scale_range=self.scale_range, flip=self.flip)
+        return {"img": x, "label": y, "key": key}
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, img_uint8_hwc: np.ndarray, *, scales: Sequence[float],
+                  flip: bool = True, device="cpu", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  amp: Optional[bool] = None) -> torch.Tensor:
+    """Multi-scale (+flip) softmax probabilities (C,H,W) at the image size, averaged.
+
+    `amp` (default: on for CUDA) runs the network under bf16 autocast; resizing, softmax and the
+    average stay fp32."""
+    device = torch.device(device)
+    amp = device.type == "cuda" if amp is None else amp
+    x = normalize_image(img_uint8_hwc, mean, std)[None].to(device)
+    h, w = x.shape[-2:]
+    total = None
+    n = 0
+    for s in scales:
+        size = (max(1, math.ceil(h * s)), max(1, math.ceil(w * s)))
+        xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(batch)
+        logits = logits.float()
+        if flip:
+            logits = torch.stack([logits[0], logits[1].flip(-1)])
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        probs = logits.float().softmax(1).sum(0)
+        total = probs if total is None else total + probs
+        n += batch.shape[0]
+    return (total / n).cpu()
+
+
+# ------------------------------------------------------------------------------ image readers
+class FolderImageReader:
+    """`id -> uint8 (H, W, 3)` from VOC JPEGImages, then SBD img (hsc_fast.data.FolderDataset's rule)."""
+
+    def __init__(self, voc_root: str, sbd_root: str = ""):
+        from hsc_fast.data import FolderDataset
+        self._folders = FolderDataset(voc_root, [], sbd_root or None)
+
+    def __call__(self, key: str) -> np.ndarray:
+        from hsc_fast.data.samples import open_jpeg
+        path = self._folders.paths(key).image  # DataError naming the id and the places looked
+        return _writable_rgb(open_jpeg(path.read_bytes(), str(path)))
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        """Ids without an image (cheap: file existence only)."""
+        out = []
+        for key in ids:
+            try:
+                self._folders.paths(key)
+            except DataError:
+                out.append(key)
+        return out
+
+
+class ShardImageReader:
+    """`id -> uint8 (H, W, 3)` read on demand from WebDataset shards (hsc_fast.data.shard layout).
+
+    The index (key -> tar file, data offset, size of its `.jpg` member) is built once by walking the
+    tar headers with `tarfile` -- no member data is read -- then each image is one seek + read. The
+    object holds paths and offsets only, so it pickles cheaply into loader workers.
+    """
+
+    def __init__(self, source: str):
+        from hsc_fast.data import ShardSet
+        from hsc_fast.data import samples as S
+        self.source = str(source)
+        self._where: dict[str, tuple[str, int, int]] = {}
+        suffix = f".{S.IMAGE}"
+        for url in ShardSet(source).urls:
+            try:
+                with tarfile.open(url, "r:") as tf:
+                    for member in tf:
+                        if member.isfile() and member.name.endswith(suffix):
+                            key = member.name[:-len(suffix)]
+                            self._where.setdefault(key, (url, member.offset_data, member.size))
+            except (OSError, tarfile.TarError) as e:
+                raise DataError(f"shard {url}: cannot read its tar headers ({e})") from e
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        return [key for key in ids if key not in self._where]
+
+    def __call__(self, key: str) -> np.ndarray:
+        from hsc_fast.data.samples import open_jpeg
+        if key not in self._where:
+            raise DataError(f"id '{key}': no image in the shards of {self.source}")
+        url, offset, size = self._where[key]
+        with open(url, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise DataError(f"shard {url}: member {key}.jpg is truncated ({len(data)} of {size} bytes)")
+        return _writable_rgb(open_jpeg(data, f"{url}: {key}"))
+
+
+def _writable_rgb(pil_image) -> np.ndarray:
+    return np.array(pil_image, dtype=np.uint8)  # a writable copy (torch.from_numpy, pydensecrf)
+
+
+def open_image_reader(images: str, sbd_root: str = ""):
+    """A shard source (index.json, a folder holding one, .tar URLs) or a VOC root (+ SBD root)."""
+    from hsc_fast.data import is_shard_source
+    if not images:
+        raise DataError("images: empty; expected a VOC root folder or a shard index.json")
+    if is_shard_source(images):
+        return ShardImageReader(images)
+    return FolderImageReader(images, sbd_root)
+
+
+def missing_labels(label_dir: str, ids: Sequence[str]) -> list[str]:
+    """Ids without `{label_dir}/{id}.png`."""
+    from hsc_fast.data.voc import safe_join
+    return [key for key in ids if not Path(safe_join(label_dir, f"{key}.png")).is_file()]
+
+
+# ------------------------------------------------------------------------- distributed batches
+def epoch_batches(n_items: int, batch_size: int, rank: int, world_size: int, seed: int,
+                  epoch: int) -> list[list[int]]:
+    """This rank's batches (dataset indices) of one epoch.
+
+    One permutation per (seed, epoch), shared by all ranks; rank r takes every world-th index from
+    position r, cut to the same length on every rank, in full batches only -- so every rank runs
+    the same number of steps and the whole epoch is a pure function of its arguments (exact resume).
+    """
+    per_rank = n_items // world_size
+    n_batches = per_rank // batch_size
+    if n_batches == 0:
+        raise DataError(f"{n_items} training ids cannot fill one batch of {batch_size} on each of "
+                        f"{world_size} rank(s)")
+    order = np.random.default_rng([seed, epoch]).permutation(n_items)
+    mine = order[rank::world_size][:n_batches * batch_size]
+    return [mine[i:i + batch_size].tolist() for i in range(0, len(mine), batch_size)]

@@ -1,0 +1,337 @@
+"""Ablation of HSC's parts on one dataset at one budget (paper Table 4, plus the EPS pair).
+
+`python launch/ablation.py --run-dir runs/ablation` (= `make ablation`) generates the synthetic
+VOC/SBD set and its shards ONCE, then for every variant trains the CAM network with the same
+config, budget and seed (only the loss switches differ), infers CAMs for the evaluation ids (the
+ids with VOC masks: ImageSets/Segmentation/train.txt), sweeps the background threshold and keeps
+the best seed mIoU. Results: RUN_DIR/ablation.json and RUN_DIR/ablation.md.
+
+The stage logic is the pipeline's (`hsc_fast.engine.pipeline.run_stage` with `stage_synth`,
+`stage_shard`, `stage_train_cam`, `stage_cam`, `stage_sweep`); each variant is a pipeline
+`Context` rooted at RUN_DIR/variants/<name>, whose `shards` entry links to the shared shards and
+whose "train" id list is the evaluation list, so `stage_cam` infers the evaluated ids only.
+Stage markers make every variant resumable; a variant with a result.json is skipped.
+
+Table 4 rows. The paper's text (Sec. 4.3) fixes what its garbled check-mark table means: PSC,
+CSC and RSC are added "based on cross supervision" (55.4 -> 59.3 -> 60.5 -> 62.6); removing
+cross supervision gives 60.7; momentum prototypes then give 63.5 and the CRF-refined
+pseudo-labels 64.2 / 64.3. Our `loss.train_crf` refines the labels of PSC and RSC together
+(CSC reads CAM scores, no labels), so the paper's CRF-dagger and CRF columns are one switch and
+its last two rows are our `hsc_seam`. The row "full HSC (SEAM), paper formulation" is `hsc_seam`
+with `loss.formulation: paper` (the paper's equations instead of the authors' code; README "Two
+formulations"); it has no published number.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+from hsc_fast.config import RunConfig, apply_overrides, from_dict, load_config, save_config, to_dict, validate
+from hsc_fast.errors import ConfigError, HscError
+
+TOGGLES = ("use_psc", "use_csc", "use_rsc", "cross_supervision", "momentum_prototypes", "train_crf")
+TOGGLE_NAMES = {"use_psc": "PSC", "use_csc": "CSC", "use_rsc": "RSC", "cross_supervision": "CS",
+                "momentum_prototypes": "MPL", "train_crf": "CRF"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation row: a loss method and the HSC switches (LossConfig field names)."""
+    name: str
+    title: str
+    method: str
+    baseline: str                      # the variant this row is compared with
+    use_psc: bool = False
+    use_csc: bool = False
+    use_rsc: bool = False
+    cross_supervision: bool = False
+    momentum_prototypes: bool = False
+    train_crf: bool = False
+    paper_seed: Optional[float] = None  # published VOC train seed mIoU of this row
+    formulation: str = "code"           # loss.formulation: the authors' code or the paper's equations
+    extra: tuple = ()                   # further `--set` strings of this row
+
+    def toggles(self) -> dict:
+        return {k: getattr(self, k) for k in TOGGLES}
+
+    def overrides(self) -> list[str]:
+        """`--set` strings that turn the shared config into this variant."""
+        return ([f"loss.method={self.method}"] + [f"loss.{k}={str(v).lower()}" for k, v in self.toggles().items()] +
+                [f"loss.formulation={self.formulation}"] + list(self.extra))
+
+
+_CS = dict(cross_supervision=True)
+VARIANTS: tuple = (
+    Variant("seam", "SEAM baseline", "seam", "seam", paper_seed=55.4),
+    Variant("seam_psc", "+PSC", "hsc_seam", "seam", use_psc=True, **_CS, paper_seed=59.3),
+    Variant("seam_psc_csc", "+PSC +CSC", "hsc_seam", "seam", use_psc=True, use_csc=True, **_CS, paper_seed=60.5),
+    Variant("seam_psc_csc_rsc", "+PSC +CSC +RSC", "hsc_seam", "seam", use_psc=True, use_csc=True,
+            use_rsc=True, **_CS, paper_seed=62.6),
+    Variant("hsc_seam", "full HSC (SEAM)", "hsc_seam", "seam", use_psc=True, use_csc=True, use_rsc=True,
+            cross_supervision=True, momentum_prototypes=True, train_crf=True, paper_seed=64.3),
+    # The paper's eq. 3-13 at the shared values; k_c becomes a per-image count (eq. 6), so it is
+    # rescaled to the paper's share of an image: 16 of 16x16 -> 4 of the demo's 8x8.
+    Variant("hsc_seam_paper", "full HSC (SEAM), paper formulation", "hsc_seam", "seam", use_psc=True,
+            use_csc=True, use_rsc=True, cross_supervision=True, momentum_prototypes=True, train_crf=True,
+            formulation="paper", extra=("loss.csc_topk=4",)),
+    Variant("eps", "EPS baseline", "eps", "eps", paper_seed=69.2),
+    Variant("hsc_eps", "full HSC (EPS)", "hsc_eps", "eps", use_psc=True, use_csc=True, use_rsc=True,
+            cross_supervision=True, momentum_prototypes=True, train_crf=True, paper_seed=71.8),
+)
+VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
+GOAL_MIOU_GAIN = 3.0  # issue #9: full HSC >= SEAM baseline + 3 seed mIoU
+
+
+def select_variants(text: str) -> list[Variant]:
+    """'seam,hsc_seam' -> those variants in table order; '' or 'all' -> every variant."""
+    if text.strip() in ("", "all"):
+        return list(VARIANTS)
+    wanted = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in VARIANT_BY_NAME]
+    if unknown:
+        raise ConfigError(f"--variants: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANT_BY_NAME)}")
+    return [v for v in VARIANTS if v.name in wanted]
+
+
+def variant_config(base: RunConfig, variant: Variant) -> RunConfig:
+    """The shared config with only the variant's loss switches changed (same budget, same seed)."""
+    cfg = from_dict(RunConfig, apply_overrides(to_dict(base), variant.overrides()))
+    validate(cfg)
+    return cfg
+
+
+def config_digest(cfg: RunConfig) -> str:
+    """Fingerprint of what a variant trains with; the data path is filled in by the pipeline."""
+    d = to_dict(cfg)
+    d["data"] = {k: v for k, v in d["data"].items() if k != "train"}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------- results
+def variant_dir(run_dir: Path, variant: Variant) -> Path:
+    return Path(run_dir) / "variants" / variant.name
+
+
+def result_path(run_dir: Path, variant: Variant) -> Path:
+    return variant_dir(run_dir, variant) / "result.json"
+
+
+def load_result(run_dir: Path, variant: Variant, digest: str) -> Optional[dict]:
+    """The stored result of a completed variant, None if incomplete; a result trained with another
+    config is an error (reusing it would compare variants at different budgets)."""
+    path = result_path(run_dir, variant)
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HscError(f"{path}: not valid JSON ({e}); delete it or use --force") from e
+    if result.get("config_digest") != digest:
+        raise ConfigError(f"{path}: variant '{variant.name}' was run with another config "
+                          f"(digest {result.get('config_digest')} != {digest}); use --force or another --run-dir")
+    if result.get("cls_loss_final") is None:  # results written before this field existed
+        result["cls_loss_final"] = final_loss(variant_dir(run_dir, variant) / "cam" / "metrics.csv")
+    return result
+
+
+def final_loss(metrics_csv: Path, column: str = "cls", last: int = 20) -> Optional[float]:
+    """Mean of a loss column over the last rows of a training run's metrics.csv (None if absent):
+    tells whether the classifier left the label prior at all within the budget."""
+    path = Path(metrics_csv)
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        values = [float(r[column]) for r in csv.DictReader(f) if r.get(column) not in (None, "")]
+    return sum(values[-last:]) / len(values[-last:]) if values else None
+
+
+def make_result(variant: Variant, stages: dict, digest: str, max_steps: int,
+                cls_final: Optional[float] = None) -> dict:
+    """One variant's row from its pipeline stage markers (train_cam, cam, sweep)."""
+    best = stages["sweep"]["outputs"]["best"]
+    return {"cls_loss_final": cls_final, "variant": variant.name, "title": variant.title, "method": variant.method,
+            "baseline": variant.baseline, "toggles": variant.toggles(), "paper_seed": variant.paper_seed,
+            "seed_miou": float(best["miou"]), "best_threshold": float(best["threshold"]),
+            "train_seconds": float(stages["train_cam"]["seconds"]), "cam_seconds": float(stages["cam"]["seconds"]),
+            "sweep_seconds": float(stages["sweep"]["seconds"]), "steps": max_steps, "config_digest": digest}
+
+
+def completed_results(run_dir: Path, base_cfg: RunConfig, fresh: Sequence[dict]) -> list[dict]:
+    """Every variant measured in RUN_DIR with this config (this invocation's and earlier ones'),
+    in table order, so that running subsets one after another builds up one table."""
+    by_name = {r["variant"]: r for r in fresh}
+    out = []
+    for v in VARIANTS:
+        if v.name not in by_name:
+            try:
+                by_name[v.name] = load_result(run_dir, v, config_digest(variant_config(base_cfg, v)))
+            except ConfigError:
+                by_name[v.name] = None  # measured with another config: not comparable, left out
+        if by_name[v.name] is not None:
+            out.append(by_name[v.name])
+    return out
+
+
+def gains(results: Sequence[dict]) -> dict:
+    """Seed mIoU of each variant minus its baseline's (where both were measured)."""
+    by_name = {r["variant"]: r for r in results}
+    return {r["variant"]: round(r["seed_miou"] - by_name[r["baseline"]]["seed_miou"], 2)
+            for r in results if r["baseline"] in by_name and r["variant"] != r["baseline"]}
+
+
+def goal_status(results: Sequence[dict]) -> dict:
+    g = gains(results)
+    out = {"target_gain": GOAL_MIOU_GAIN}
+    if "hsc_seam" in g:
+        out.update(hsc_seam_gain=g["hsc_seam"], reached=g["hsc_seam"] >= GOAL_MIOU_GAIN)
+    return out
+
+
+def _num(x: Optional[float]) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
+def _mark(on: bool) -> str:
+    return "x" if on else ""
+
+
+def markdown_table(results: Sequence[dict], meta: dict) -> str:
+    """ablation.md: one row per variant (table order), toggles as check marks, gains vs baseline."""
+    g = gains(results)
+    cols = [TOGGLE_NAMES[k] for k in TOGGLES]
+    head = (["variant", "method"] + cols +
+            ["seed mIoU", "vs baseline", "best threshold", "final cls loss", "train s", "paper (VOC train)"])
+    lines = [f"# Ablation: {meta.get('dataset', '')}", "",
+             f"Command: `{meta.get('command', '')}`  ", f"Budget: {meta.get('budget', '')}  ",
+             f"Machine: {meta.get('machine', '')}  ", f"Total wall time: {meta.get('total_seconds', 0):.0f} s", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        paper = "" if r.get("paper_seed") is None else f"{r['paper_seed']:.1f}"
+        gain = f"{g[r['variant']]:+.2f}" if r["variant"] in g else ""
+        row = ([r["title"], r["method"]] + [_mark(r["toggles"][k]) for k in TOGGLES] +
+               [f"{r['seed_miou']:.2f}", gain, f"{r['best_threshold']:.2f}", _num(r.get("cls_loss_final")),
+                f"{r['train_seconds']:.0f}", paper])
+        lines.append("| " + " | ".join(row) + " |")
+    goal = goal_status(results)
+    if "hsc_seam_gain" in goal:
+        lines += ["", f"Goal (full HSC >= SEAM + {GOAL_MIOU_GAIN:g} mIoU): "
+                      f"{'reached' if goal['reached'] else 'NOT reached'} ({goal['hsc_seam_gain']:+.2f})."]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(run_dir: Path, results: Sequence[dict], meta: dict) -> tuple[Path, Path]:
+    from hsc_fast.io import write_json
+    run_dir = Path(run_dir)
+    js, md = run_dir / "ablation.json", run_dir / "ablation.md"
+    write_json(js, {**meta, "goal": goal_status(results), "gains": gains(results), "variants": list(results)})
+    md.write_text(markdown_table(results, meta))
+    return js, md
+
+
+# ---------------------------------------------------------------------------------- runner
+def check_partial_run(vdir: Path, cfg: RunConfig) -> None:
+    """An unfinished variant resumes only with the config it started with (its checkpoints and
+    CAM files would otherwise mix two budgets)."""
+    saved = vdir / "config.yaml"
+    if saved.is_file() and config_digest(load_config(str(saved))) != config_digest(cfg):
+        raise ConfigError(f"{saved}: variant '{vdir.name}' was started with another config; "
+                          "use --force to restart it or another --run-dir")
+
+
+def variant_context(root, variant: Variant, cfg: RunConfig):
+    """A pipeline Context for one variant: own cam/ seeds/ stages/, the shared shards (linked),
+    and the evaluation ids as its 'train' list so that stage_cam infers only what is evaluated."""
+    from hsc_fast.engine.pipeline import Context
+    vdir = variant_dir(root.run_dir, variant)
+    data = replace(root.data, train_list=str(root.data.list_path("eval")))
+    ctx = Context(cfg=cfg, run_dir=vdir, data=data, rank=root.rank, world=root.world, device=root.device,
+                  progress=root.progress, workers=root.workers, wait_timeout_s=root.wait_timeout_s)
+    if root.rank == 0:
+        check_partial_run(vdir, cfg)
+        vdir.mkdir(parents=True, exist_ok=True)
+        link = vdir / "shards"
+        if not link.exists():
+            link.symlink_to(Path("..") / ".." / "shards", target_is_directory=True)
+        save_config(cfg, vdir / "config.yaml")
+    return ctx
+
+
+def run_variant(root, variant: Variant, cfg: RunConfig, digest: str, force: bool) -> dict:
+    from hsc_fast.engine.pipeline import marker, run_stage, wait_for_marker
+    vdir = variant_dir(root.run_dir, variant)
+    if force and root.rank == 0 and vdir.exists():
+        shutil.rmtree(vdir)
+    if root.world > 1:
+        from hsc_fast import distributed as D
+        D.barrier()
+    ctx = variant_context(root, variant, cfg)
+    if root.rank != 0:  # rank 0 creates the folder and the shards link
+        while not (vdir / "shards").exists():
+            time.sleep(0.2)
+    stage_seconds: dict = {}
+    for stage in ("train_cam", "cam", "sweep"):
+        run_stage(ctx, stage, force=False, stage_seconds=stage_seconds)
+    if root.rank != 0:
+        wait_for_marker(ctx, "sweep")
+    stages = {s: json.loads(marker(ctx, s).read_text()) for s in ("train_cam", "cam", "sweep")}
+    result = make_result(variant, stages, digest, cfg.train.max_steps,
+                         cls_final=final_loss(ctx.path("cam", "metrics.csv")))
+    if root.rank == 0:
+        from hsc_fast.io import write_json
+        write_json(result_path(root.run_dir, variant), result)
+    return result
+
+
+def budget_text(cfg: RunConfig) -> str:
+    return (f"{cfg.model.backbone} ({'random init' if not cfg.model.weights else cfg.model.weights}), "
+            f"{cfg.train.max_steps} steps x batch {cfg.data.batch_size}, crop {cfg.data.crop_size} px, "
+            f"view 2 {cfg.data.view2_size} px, lr {cfg.optim.lr}, seed {cfg.train.seed}, "
+            f"CAM scales {cfg.seeds.scales} flip {cfg.seeds.flip}")
+
+
+def machine_text() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return f"{os.cpu_count()} CPU(s), load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min)"
+
+
+def run_ablation(root, base_cfg: RunConfig, variants: Sequence[Variant], force: bool = False,
+                 command: str = "", log=print) -> list[dict]:
+    """Shared data once, then every variant (resumable; complete ones are skipped)."""
+    from hsc_fast.engine.pipeline import run_stage
+    t0 = time.perf_counter()
+    machine_start = machine_text()
+    stage_seconds: dict = {}
+    shared = (("synth",) if root.data.name.startswith("synthetic") else ()) + ("shard",)
+    for stage in shared + (("pretrain",) if base_cfg.pretrain.enabled else ()):
+        run_stage(root, stage, force=False, stage_seconds=stage_seconds)
+    results = []
+    for variant in variants:
+        cfg = variant_config(base_cfg, variant)
+        digest = config_digest(cfg)
+        done = None if force else load_result(root.run_dir, variant, digest)
+        if done is not None:
+            log(f"[ablation] {variant.name}: complete (seed mIoU {done['seed_miou']:.2f}), skipped")
+            results.append(done)
+            continue
+        log(f"[ablation] {variant.name}: {variant.title} ({', '.join(variant.overrides())})")
+        result = run_variant(root, variant, cfg, digest, force)
+        log(f"[ablation] {variant.name}: seed mIoU {result['seed_miou']:.2f} at threshold "
+            f"{result['best_threshold']:.2f}, training {result['train_seconds']:.0f} s")
+        results.append(result)
+    results = completed_results(root.run_dir, base_cfg, results)
+    from hsc_fast.engine.runlog import git_sha
+    meta = {"command": command, "dataset": root.data.name, "budget": budget_text(base_cfg), "git_commit": git_sha(),
+            "machine": f"start: {machine_start}; end: {machine_text()}",
+            "total_seconds": time.perf_counter() - t0,
+            "note": "total_seconds covers this invocation only (skipped variants cost nothing)"}
+    if root.rank == 0:
+        js, md = write_outputs(root.run_dir, results, meta)
+        log(f"[ablation] wrote {js} and {md}")
+    return results

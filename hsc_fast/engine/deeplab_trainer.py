@@ -1,0 +1,380 @@
+"""The last stage: train DeepLab on pseudo-labels (or ground truth) and evaluate it.
+
+    python launch/train_deeplab.py --config deeplab --run-dir runs/dl --images VOC2012 \\
+        --sbd-root SBD --labels runs/seeds/pseudo_labels --train-list train_aug.txt --eval-list val.txt
+
+Training (`train_deeplab`): DeepLab (hsc_fast.models.deeplab, frozen BatchNorm) wrapped in a
+DeepSpeed engine exactly like CAM training (`train.ds_config`: ZeRO stage, bf16, gradient
+accumulation, clipping), SGD over the backbone (lr) and head (10x lr) groups with momentum,
+poly decay over `deeplab.max_steps`, pixel cross-entropy ignoring 255. Each rank reads its own
+batches of one shared per-epoch permutation (`segmentation.epoch_batches`); a sample's
+augmentation depends on (seed, epoch, index) only, so a resumed run continues bitwise (CPU,
+`train.deterministic`). The run dir is the CAM run's layout: config.yaml, env.json,
+metrics.csv, tb/, logs/, atomic checkpoints/step_N (`--resume auto`), final/model.pt.
+
+Evaluation (`evaluate_deeplab`): rank r predicts ids[r::world] -- multi-scale (`deeplab.test_scales`)
++ flip softmax, argmax -> RUN_DIR/pred/{id}.png (VOC palette); with `crf` the DEEPLAB_TEST dense CRF
+on the same probabilities -> RUN_DIR/pred_crf/; then `hsc_fast.eval.evaluate` (confusions all-reduced)
+-> RUN_DIR/eval.json (+ eval_crf.json).
+
+Both functions join a process group the caller already made (and leave it alone) or make and
+destroy their own.
+"""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hsc_fast import IGNORE_INDEX
+from hsc_fast import checkpoint as ckpt
+from hsc_fast import distributed as D
+from hsc_fast import io
+from hsc_fast.config import OptimConfig, RunConfig
+from hsc_fast.engine.cam_trainer import (EpochStream, StepLoop, build_ds_config, training_session)
+from hsc_fast.errors import ConfigError, DataError, TrainingError, WeightsError
+from hsc_fast.engine.runlog import RunLog
+from hsc_fast.data.seg_set import (SegTrainSet, epoch_batches, missing_labels, open_image_reader, predict_probs)
+
+PRED_DIR, PRED_CRF_DIR = "pred", "pred_crf"
+EVAL_JSON, EVAL_CRF_JSON = "eval.json", "eval_crf.json"
+
+
+# ----------------------------------------------------------------------------------- config
+def check_deeplab_config(cfg: RunConfig) -> None:
+    """Cross-field checks of the `deeplab` section (before any work)."""
+    dl = cfg.deeplab
+    for name in ("batch_size", "max_steps", "crop_size", "save_every"):
+        if getattr(dl, name) <= 0:
+            raise ConfigError(f"config key 'deeplab.{name}': must be positive, got {getattr(dl, name)}")
+    if (len(dl.scale_range) != 2 or not all(isinstance(v, (int, float)) for v in dl.scale_range)
+            or not 0 < dl.scale_range[0] <= dl.scale_range[1]):
+        raise ConfigError(f"config key 'deeplab.scale_range': expected [min, max] with 0 < min <= max, "
+                          f"got {dl.scale_range}")
+    if not dl.test_scales or not all(isinstance(v, (int, float)) and v > 0 for v in dl.test_scales):
+        raise ConfigError(f"config key 'deeplab.test_scales': expected positive numbers, got {dl.test_scales}")
+    from hsc_fast.crf import available_backends
+    if dl.crf_backend not in available_backends():
+        raise ConfigError(f"config key 'deeplab.crf_backend': {dl.crf_backend!r} is not one of "
+                          f"{', '.join(available_backends())}")
+    if cfg.train.keep_last <= 0 or cfg.train.max_nonfinite <= 0 or cfg.train.dist_timeout_s <= 0:
+        raise ConfigError("config keys 'train.keep_last', 'train.max_nonfinite', 'train.dist_timeout_s': "
+                          "must be positive")
+
+
+def deeplab_ds_config(cfg: RunConfig, world_size: int, path: Optional[str] = None) -> dict:
+    """The CAM engine's DeepSpeed settings with DeepLab's per-rank batch."""
+    as_cam = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=cfg.deeplab.batch_size))
+    return build_ds_config(as_cam, world_size, path)
+
+
+def deeplab_optim_config(cfg: RunConfig) -> OptimConfig:
+    """The reference recipe: plain SGD with momentum (no official CAM quirks), poly over max_steps."""
+    dl = cfg.deeplab
+    return OptimConfig(lr=dl.lr, weight_decay=dl.weight_decay, momentum=dl.momentum,
+                       official_momentum_quirk=False, poly_power=dl.poly_power, poly_steps=dl.max_steps)
+
+
+def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the non-ignored pixels (0, not NaN, for an all-ignored batch)."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
+# ------------------------------------------------------------------------------------ data
+class BatchStream(EpochStream):
+    """Endless batches of this rank with a resumable position (epoch, batches consumed)."""
+    empty_message = "the DeepLab training loader yields no batches"
+
+    def __init__(self, dataset: SegTrainSet, batch_size: int, rank: int, world_size: int, seed: int,
+                 workers: int = 0, pin_memory: bool = False, epoch: int = 0, batches_in_epoch: int = 0):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.workers, self.pin_memory = workers, pin_memory
+        self.epoch = epoch
+        self._start_epoch(batches_in_epoch)
+
+    def _start_epoch(self, skip: int = 0) -> None:
+        batches = epoch_batches(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed, self.epoch)
+        self.dataset.epoch = self.epoch  # before the iterator exists: workers copy the dataset
+        # A private generator: making the iterator must not draw from the global torch RNG,
+        # or a resumed run (which makes it at another moment) would diverge.
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[skip:], num_workers=self.workers,
+                                             pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0))
+        self._it = iter(loader)
+        self.batches_in_epoch = skip
+
+
+def build_train_set(cfg: RunConfig, images: str, labels_dir: str, train_ids: Sequence[str]) -> SegTrainSet:
+    """The (image, label) dataset; every id must have an image and a label PNG (checked up front)."""
+    if not train_ids:
+        raise DataError("train_deeplab: the training id list is empty")
+    if not Path(labels_dir).is_dir():
+        raise DataError(f"labels_dir {labels_dir}: not a folder of label PNGs")
+    reader = open_image_reader(images, cfg.data.sbd_root)
+    no_label = missing_labels(labels_dir, train_ids)
+    if no_label:
+        raise DataError(f"{len(no_label)} training id(s) have no label PNG in {labels_dir}: "
+                        f"e.g. '{no_label[0]}' (expected {Path(labels_dir) / (no_label[0] + '.png')})"
+                        + (f"; others: {no_label[1:6]}" if len(no_label) > 1 else ""))
+    no_image = reader.missing(train_ids)
+    if no_image:
+        raise DataError(f"{len(no_image)} training id(s) have no image in {images}: e.g. {no_image[:5]}")
+    dl = cfg.deeplab
+    return SegTrainSet(train_ids, reader, labels_dir, crop=dl.crop_size, scale_range=dl.scale_range,
+                       flip=dl.flip, seed=cfg.train.seed)
+
+
+# ---------------------------------------------------------------------------------- trainer
+@dataclass
+class DeeplabState:
+    step: int = 0                   # optimiser steps done
+    epoch: int = 0                  # data epoch of the next batch
+    batches_in_epoch: int = 0       # batches of that epoch this rank consumed
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+class DeeplabTrainer(StepLoop):
+    """DeepLab + SGD + poly schedule in a DeepSpeed engine; steps, checkpoints, metrics."""
+
+    def __init__(self, cfg: RunConfig, run_dir, info: D.DistInfo, dataset: Optional[SegTrainSet],
+                 ds_config: Optional[dict] = None, log: Optional[RunLog] = None):
+        from hsc_fast.models.deeplab import build_deeplab
+
+        check_deeplab_config(cfg)
+        self.dataset = dataset
+        self._setup(cfg, run_dir, info, ds_config if ds_config is not None else deeplab_ds_config(cfg, info.world_size),
+                    log)
+        model = build_deeplab(cfg.deeplab)  # WeightsError when the ImageNet file is absent
+        model.to(self.device).train()       # train() freezes the backbone BatchNorm first
+        self._wrap_engine(model, deeplab_optim_config(cfg))
+        self.autocast = bool(cfg.train.bf16_autocast and self.device.type == "cuda" and not self.engine_bf16)
+        self.state = DeeplabState()
+        self._seed_rank_streams()  # v3 dropout
+
+    # -- one optimiser step ----------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        img = batch["img"].to(self.device, non_blocking=True)
+        if self.engine_bf16:
+            img = img.to(torch.bfloat16)
+        return img, batch["label"].to(self.device, non_blocking=True)
+
+    def batch_loss(self, batch: dict) -> torch.Tensor:
+        img, label = self._to_device(batch)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with amp:
+            logits = self.engine(img)
+        return pixel_cross_entropy(logits, label)
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimiser step over `gas` micro-batches (collective). A non-finite loss on any rank
+        skips the update everywhere (parameters and momentum untouched)."""
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        total, nonfinite, images = 0.0, False, 0
+        for i, batch in enumerate(micro_batches):
+            loss = self.batch_loss(batch)
+            local_bad = not bool(torch.isfinite(loss.detach()))
+            nonfinite = D.all_reduce_max_flag(local_bad, self.device) or nonfinite
+            self.engine.backward(loss)
+            total += float(loss.detach())
+            images += int(batch["img"].shape[0])
+            if i == len(micro_batches) - 1:
+                self.optimizer.skip_next = nonfinite
+            self.engine.step()
+        return {"loss": total / len(micro_batches), "nonfinite": nonfinite, "images": images, "lr": lr}
+
+    # -- checkpoints (StepLoop.save / load) -------------------------------------------------------
+    def _checkpoint_extra(self) -> dict:
+        return {"kind": "deeplab"}
+
+    def _restore_extra(self, shared: dict, ckpt_dir: Path) -> None:
+        if shared.get("kind") != "deeplab":
+            raise WeightsError(f"checkpoint {ckpt_dir}: not a DeepLab checkpoint (a CAM run's?)")
+
+    # -- the loop (StepLoop.fit) ---------------------------------------------------------------------
+    def fit(self, max_steps: int, save_every: int, resume_from: Optional[Path] = None,
+            heartbeat: Optional[D.Heartbeat] = None) -> dict:
+        if self.dataset is None:
+            raise TrainingError("DeeplabTrainer.fit: no training dataset")
+        return super().fit(max_steps, save_every, resume_from, heartbeat)
+
+    def make_stream(self) -> BatchStream:
+        return BatchStream(self.dataset, self.cfg.deeplab.batch_size, self.info.rank, self.info.world_size,
+                           self.cfg.train.seed, self.cfg.data.workers, self.device.type == "cuda",
+                           self.state.epoch, self.state.batches_in_epoch)
+
+    def _nonfinite_message(self, result: dict, path: Path) -> str:
+        return (f"DeepLab loss was non-finite for {self.state.nonfinite_in_a_row} steps in a row (up to step "
+                f"{self.state.step}); train.max_nonfinite={self.cfg.train.max_nonfinite}. The weights of the "
+                f"last finite step are saved in {path}")
+
+    def _finish(self) -> dict:
+        final = self.save_final()
+        D.barrier()
+        return {"step": self.state.step, "nonfinite_total": self.state.nonfinite_total,
+                "final_model": str(final) if final else str(self.run_dir / "final" / "model.pt")}
+
+    def _record(self, result: dict, stream: BatchStream, seconds: float, heartbeat) -> None:
+        st = self.state
+        self._count_nonfinite(result["nonfinite"], "DeepLab loss")
+        world = self.info.world_size
+        glob = self._guarded(lambda: D.all_reduce_mean(
+            {"loss": result["loss"], "_images": float(result["images"]) * world}, self.device), heartbeat)
+        if self.log is None:
+            return
+        row = {"step": st.step, "epoch": st.epoch, "lr": result["lr"], "loss": glob["loss"]}
+        self._log_step(row, glob["_images"], 0, seconds)
+
+
+# ------------------------------------------------------------------------------- public API
+def train_deeplab(cfg: RunConfig, run_dir, *, images: str, labels_dir: str, train_ids: Sequence[str],
+                  resume: str = "auto", progress: bool = True, ds_config_path: Optional[str] = None,
+                  local_rank: Optional[int] = None) -> dict:
+    """Train DeepLab on `labels_dir`/{id}.png for `train_ids`, images from a VOC root (+
+    cfg.data.sbd_root) or a shard index. Joins an existing process group or makes its own.
+    Returns {"step", "nonfinite_total", "final_model"}."""
+    check_deeplab_config(cfg)
+    run_dir = Path(run_dir)
+    env = dict(stage="deeplab", images=str(images), labels_dir=str(labels_dir), n_train_ids=len(train_ids))
+    with training_session(cfg, run_dir, stage="deeplab", resume=resume, max_steps=cfg.deeplab.max_steps,
+                          ds_config=lambda world: deeplab_ds_config(cfg, world, ds_config_path),
+                          local_rank=local_rank, progress=progress, env=env, title="DeepLab ") as session:
+        dataset = build_train_set(cfg, images, labels_dir, train_ids)
+        return session.run(lambda s: DeeplabTrainer(cfg, run_dir, s.info, dataset, s.ds_config, s.log),
+                           cfg.deeplab.save_every)
+
+
+def resolve_model_file(run_dir, checkpoint: Optional[str]) -> tuple[Path, str]:
+    """(file, key) of the weights to evaluate: `checkpoint` may be a final/model.pt-style state
+    dict file, a checkpoints/step_N folder, or a run dir; default RUN_DIR/final/model.pt, else the
+    newest complete checkpoint of RUN_DIR. key is "" for a plain state dict, else "model"."""
+    target = Path(checkpoint) if checkpoint else Path(run_dir)
+    if target.is_file():
+        return target, ""
+    if (target / ckpt.SHARED_FILE).is_file():
+        if not ckpt.is_complete(target):
+            raise WeightsError(f"checkpoint {target}: incomplete (no {ckpt.COMPLETE_MARKER} marker)")
+        return target / ckpt.SHARED_FILE, "model"
+    final = target / "final" / "model.pt"
+    if final.is_file():
+        return final, ""
+    latest = ckpt.find_latest(target)
+    if latest is not None:
+        return latest / ckpt.SHARED_FILE, "model"
+    raise WeightsError(f"no DeepLab weights at {target}: expected a model.pt file, a checkpoints/step_N folder, "
+                       "or a run dir with final/model.pt or a complete checkpoint")
+
+
+def load_deeplab_for_eval(cfg: RunConfig, run_dir, checkpoint: Optional[str], device) -> torch.nn.Module:
+    """The trained network (no ImageNet file needed: every weight comes from the checkpoint)."""
+    from hsc_fast.models.deeplab import DeepLab
+    path, key = resolve_model_file(run_dir, checkpoint)
+    state = ckpt.safe_load(path)
+    if key:
+        state = state.get(key) if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state dict{f' under {key!r}' if key else ''}")
+    model = DeepLab(cfg.deeplab.backbone, cfg.deeplab.head, frozen_bn=cfg.deeplab.frozen_bn)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: does not fit DeepLab(deeplab.backbone={cfg.deeplab.backbone!r}, "
+                           f"deeplab.head={cfg.deeplab.head!r}): {str(e)[:400]}") from e
+    return model.to(device).eval()
+
+
+def _write_png_atomic(path: Path, label: np.ndarray) -> None:
+    from hsc_fast.data.voc import encode_label_png
+    io.atomic_write_bytes(path, encode_label_png(label))
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or None)
+
+
+def predict_to_pngs(model: torch.nn.Module, read_image: Callable[[str], np.ndarray], ids: Sequence[str],
+                    out_dir, *, scales: Sequence[float], flip: bool = True, device="cpu",
+                    crf_dir=None, crf_backend: str = "pydensecrf", crf_workers: int = 1,
+                    progress: bool = False) -> int:
+    """Predict `ids` (all of them: split ids before calling) into palette PNGs in `out_dir`; with
+    `crf_dir` also the DEEPLAB_TEST dense-CRF labels there. Returns the number of images."""
+    from hsc_fast.crf import DEEPLAB_TEST, crf_imap
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bar = _bar(len(ids), "predict", progress)
+
+    def predicted():
+        for key in ids:
+            img = read_image(key)
+            probs = predict_probs(model, img, scales=scales, flip=flip, device=device)
+            _write_png_atomic(out_dir / f"{key}.png", probs.argmax(0).to(torch.uint8).numpy())
+            bar.update(1)
+            yield key, img, probs.numpy()
+
+    n = 0
+    if crf_dir is None:
+        for _ in predicted():
+            n += 1
+    else:
+        crf_dir = Path(crf_dir)
+        crf_dir.mkdir(parents=True, exist_ok=True)
+        keys: list[str] = []
+
+        def pairs():
+            for key, img, probs in predicted():
+                keys.append(key)
+                yield img, probs
+
+        for q in crf_imap(pairs(), workers=max(1, crf_workers), backend=crf_backend, return_labels=True,
+                          **DEEPLAB_TEST.kwargs()):
+            _write_png_atomic(crf_dir / f"{keys[n]}.png", q.astype(np.uint8))
+            n += 1
+    bar.close()
+    return n
+
+
+def evaluate_deeplab(cfg: RunConfig, run_dir, *, images: str, gt_dir: str, eval_ids: Sequence[str],
+                     checkpoint: Optional[str] = None, crf: bool = False, progress: bool = False,
+                     local_rank: Optional[int] = None) -> dict:
+    """Predict `eval_ids` (ranks split them) into RUN_DIR/pred (+ pred_crf) and score them against
+    `gt_dir`. Returns {"plain": evaluate() result, "crf": evaluate() result or None}; rank 0
+    writes RUN_DIR/eval.json (+ eval_crf.json)."""
+    from hsc_fast.eval.evaluate import evaluate, format_table, write_outputs
+    check_deeplab_config(cfg)
+    if not eval_ids:
+        raise DataError("evaluate_deeplab: the evaluation id list is empty")
+    if not Path(gt_dir).is_dir():
+        raise DataError(f"gt_dir {gt_dir}: not a folder of ground-truth PNGs")
+    run_dir = Path(run_dir)
+    info = D.init_distributed(cfg.train.dist_timeout_s, local_rank_arg=local_rank, use_deepspeed=False)
+    try:
+        model = load_deeplab_for_eval(cfg, run_dir, checkpoint, info.device)
+        reader = open_image_reader(images, cfg.data.sbd_root)
+        pred_dir, crf_dir = run_dir / PRED_DIR, (run_dir / PRED_CRF_DIR if crf else None)
+        mine = list(eval_ids)[info.rank::info.world_size]
+        predict_to_pngs(model, reader, mine, pred_dir, scales=cfg.deeplab.test_scales, flip=cfg.deeplab.test_flip,
+                        device=info.device, crf_dir=crf_dir, crf_backend=cfg.deeplab.crf_backend,
+                        crf_workers=max(1, cfg.data.workers), progress=progress and info.is_main)
+        D.barrier()  # every prediction is on disk before anyone scores
+        results = {"plain": evaluate(gt_dir, pred_dir=pred_dir, ids=list(eval_ids)), "crf": None}
+        if crf:
+            results["crf"] = evaluate(gt_dir, pred_dir=crf_dir, ids=list(eval_ids))
+        if info.is_main:
+            write_outputs(results["plain"], run_dir / EVAL_JSON)
+            if crf:
+                write_outputs(results["crf"], run_dir / EVAL_CRF_JSON)
+            if progress:
+                print(format_table(results["plain"]))
+                if crf:
+                    print(f"with CRF: mIoU {results['crf']['miou']:.2f}")
+        return results
+    finally:
+        D.shutdown(info)

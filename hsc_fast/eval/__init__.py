@@ -1,0 +1,1 @@
+"""Inference and evaluation: multi-scale CAMs, seeds and CRF pseudo-labels, mIoU, reports and pictures."""
