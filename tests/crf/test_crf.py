@@ -159,14 +159,3 @@ def test_serial_batch_equals_single_calls(real_images):
         assert np.array_equal(out, crf_inference(img, pr, **DEEPLAB_TEST.kwargs()))
     labels = list(crf_imap(zip(images, probs), return_labels=True, **DEEPLAB_TEST.kwargs()))
     assert all(np.array_equal(lab, out.argmax(0)) for lab, out in zip(labels, serial))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
-def test_process_pool_equals_serial(real_images, start_method):
-    images, probs = _small_batch(real_images)
-    images, probs = images * 3, probs * 3          # 12 items: more than one window (8) of tasks
-    serial = crf_batch(images, probs, workers=1)
-    pooled = crf_batch(images, probs, workers=2, chunksize=1, start_method=start_method)
-    assert len(pooled) == len(serial)
-    assert all(np.array_equal(a, b) for a, b in zip(pooled, serial))

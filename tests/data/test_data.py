@@ -279,26 +279,3 @@ def test_train_batch_counts_equal_across_fake_ranks_and_workers(synth, monkeypat
             _fake_workers(monkeypatch, worker, 2)
             counts[rank, worker] = sum(1 for _ in ld._stream())
     assert set(counts.values()) == {2}  # ceil(7 // 2 / 2 workers) per worker, everywhere
-
-
-# ----------------------------------------------------------------- the same with real processes
-@pytest.mark.slow
-def test_real_workers_split_eval_and_equal_train_counts(synth):
-    seen = []
-    for rank in range(2):
-        stream = build_eval_dataset(synth["one"], rank=rank, world_size=2)  # 1 shard < 4 slots
-        seen += [item[0] for item in stream.loader(num_workers=2)]
-    assert sorted(seen) == sorted(synth["ids"])
-    cfg = cfg_for(synth["shards"], workers=2)
-    lengths = [sum(1 for _ in build_train_loader(cfg, rank, 2, seed=0, epoch_samples=7)) for rank in range(2)]
-    assert lengths == [4, 4]
-
-
-@pytest.mark.slow
-def test_real_workers_resume_exactly(synth):
-    cfg = cfg_for(synth["shards"], workers=2)
-    full = list(build_train_loader(cfg, 0, 1, seed=4))
-    for k in (1, 2, 3):
-        tail = list(build_train_loader(cfg, 0, 1, seed=4, skip_batches=k))
-        assert [b["key"] for b in tail] == [b["key"] for b in full[k:]]
-        assert all(torch.equal(x["img"], y["img"]) for x, y in zip(tail, full[k:]))

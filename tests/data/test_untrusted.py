@@ -112,23 +112,6 @@ def test_pretrained_weights_that_would_run_code_are_refused(tmp_path, wrap):
     assert not marker.exists()
 
 
-@pytest.mark.slow
-def test_resume_from_a_tampered_checkpoint_fails_cleanly_and_runs_nothing(tmp_path):
-    shards = F.make_shards(tmp_path / "synth", n_train=8)
-    config = F.write_config(tmp_path / "c.yaml", shards)
-    run, marker = tmp_path / "run", tmp_path / "pwned"
-    d = C.step_dir(run, 2)
-    d.mkdir(parents=True)
-    _evil_file(d / C.SHARED_FILE, marker, lambda x: {"model": x})
-    _evil_file(C.rank_file(d, 0), marker)
-    (d / "meta.json").write_text(json.dumps({"step": 2, "world_size": 1, "files": []}))
-    (d / C.COMPLETE_MARKER).write_text("2\n")
-    codes = F.run_ranks(config, run, 1, ["--resume", "auto"])
-    out = F.output_of(run, 0)
-    assert codes == [1] and "WeightsError" in out and str(d / C.SHARED_FILE) in out, out[-3000:]
-    assert not marker.exists() and not (run / "final").exists()
-
-
 # ------------------------------------------------------------------------------- paths from files
 def test_shard_index_cannot_point_outside_its_folder(tmp_path):
     outside = tmp_path / "outside.tar"
