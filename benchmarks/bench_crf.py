@@ -209,6 +209,7 @@ def run_train_crf(samples, n_images: int, repeats: int) -> list[dict]:
     import torch  # noqa: PLC0415
     from hsc_fast.crf.lattice import cupy_available, lattice_crf_labels  # noqa: PLC0415
     from hsc_fast.crf.train import train_crf_fn  # noqa: PLC0415
+    from hsc_fast.registry import TRAIN_CRF_BACKENDS  # noqa: PLC0415
 
     torch.set_num_threads(1)
     imgs, labs = _train_crf_inputs(samples, n_images)
@@ -216,11 +217,12 @@ def run_train_crf(samples, n_images: int, repeats: int) -> list[dict]:
     img_t = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
     lab_t = torch.from_numpy(labs)
     half = n_images // 2
-    variants = [("pydensecrf", "cpu", train_crf_fn("pydensecrf")), ("dense", "cpu", train_crf_fn("dense")),
-                ("lattice", "cpu", train_crf_fn("lattice"))]
+    # every registered training-CRF backend; pydensecrf (the reference) first, the batched ones on CUDA too
+    names = sorted(TRAIN_CRF_BACKENDS, key=lambda n: n != "pydensecrf")
+    variants = [(n, "cpu", train_crf_fn(n)) for n in names]
     if torch.cuda.is_available():
-        variants += [("dense", "cuda", train_crf_fn("dense")), ("lattice", "cuda", train_crf_fn("lattice")),
-                     ("lattice_sort_build", "cuda", lambda i, lab, **p: lattice_crf_labels(i, lab, build="sort", **p))]
+        variants += [(n, "cuda", train_crf_fn(n)) for n in names if TRAIN_CRF_BACKENDS.get(n).batched]
+        variants += [("lattice_sort_build", "cuda", lambda i, lab, **p: lattice_crf_labels(i, lab, build="sort", **p))]
     ref = None
     records = []
     for backend, dev, fn in variants:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from hsc_fast.errors import ConfigError
+from hsc_fast.registry import CRF_BACKENDS, METHODS, TRAIN_CRF_BACKENDS, Registry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = REPO_ROOT / "configs"
@@ -91,7 +92,7 @@ class PretrainConfig:
 
 @dataclass
 class LossConfig:
-    method: str = _f("hsc_eps", "seam | eps | ppc_seam | ppc_eps | hsc_seam | hsc_eps")
+    method: str = _f("hsc_eps", "training method, one file each in hsc_fast/losses/methods/")
     impl: str = _f("auto", "loss kernels: auto (Triton on CUDA) | triton | torch")
     formulation: str = _f("code", "HSC equations: code (the authors' code, the published numbers) | paper "
                                   "(the paper's eq. 3-13; README 'Two formulations')")
@@ -193,7 +194,7 @@ class SeedConfig:
     bg_threshold: float = _f(-1.0, "threshold for seeds (-1: best of the sweep)")
     crf_alpha: float = _f(7.0, "CRF bg probability (1 - max fg)^alpha")
     crf_iters: int = _f(8, "CRF iterations")
-    crf_backend: str = _f("pydensecrf", "pydensecrf | gpu")
+    crf_backend: str = _f("pydensecrf", "seed CRF backend (hsc_fast.crf)")
     crf_gauss_sxy: float = _f(3.0, "CRF Gaussian sxy")
     crf_gauss_compat: float = _f(3.0, "CRF Gaussian compat")
     crf_bi_sxy: float = _f(80.0, "CRF bilateral sxy")
@@ -371,12 +372,13 @@ def save_config(cfg: RunConfig, path: Path) -> None:
 _CHOICES = {
     "model.backbone": ("resnet38", "resnet50", "resnet18"),
     "model.rsc_proj": ("official", "paper"),
-    "loss.method": ("seam", "eps", "ppc_seam", "ppc_eps", "hsc_seam", "hsc_eps"),
+    "loss.method": METHODS,                      # registries: the choices are what is registered
+
     "loss.impl": ("auto", "triton", "torch"),
     "loss.formulation": ("code", "paper"),
     "loss.rsc_normalize": ("width", "channel"),
-    "loss.train_crf_backend": ("lattice", "dense", "pydensecrf"),
-    "seeds.crf_backend": ("pydensecrf", "gpu"),
+    "loss.train_crf_backend": TRAIN_CRF_BACKENDS,
+    "seeds.crf_backend": CRF_BACKENDS,
     "pretrain.precision": ("auto", "fp32", "bf16"),
     "pretrain.ranks": ("auto", "all", "main"),
     "deeplab.backbone": ("resnet101", "resnet50", "resnet18"),
@@ -412,8 +414,11 @@ def describe(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]
         if dataclasses.is_dataclass(tp):
             rows += describe(tp, prefix + f.name + ".")
         else:
-            rows.append((prefix + f.name, getattr(tp, "__name__", str(tp)),
-                         getattr(defaults, f.name), f.metadata.get("help", "")))
+            text = f.metadata.get("help", "")
+            choices = _CHOICES.get(prefix + f.name)
+            if isinstance(choices, Registry):  # registered names, read from the registry
+                text += f" (registered: {' | '.join(choices)})"
+            rows.append((prefix + f.name, getattr(tp, "__name__", str(tp)), getattr(defaults, f.name), text))
     return rows
 
 

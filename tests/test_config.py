@@ -4,7 +4,8 @@ import json
 import pytest
 
 from hsc_fast.config import PRESET_DIR, load_config
-from hsc_fast.engine.cam_trainer import build_ds_config, check_geometry, feature_size, optimizer_is_partitioned
+from hsc_fast.engine.deepspeed import build_ds_config, optimizer_is_partitioned
+from hsc_fast.engine.cam_trainer import check_geometry, feature_size
 from hsc_fast.cli.train_cam import build_arg_parser, config_from_args, main
 from hsc_fast.errors import ConfigError
 

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from hsc_fast import distributed as D
-from hsc_fast.engine.cam_trainer import RankLostError
+from hsc_fast.engine.loop import RankLostError
 from hsc_fast.errors import ConfigError
 
 

@@ -236,7 +236,7 @@ def smoke_config(data_dir: Path):
 
 
 def check_train() -> list[Check]:
-    from hsc_fast.engine.cam_trainer import train
+    from hsc_fast.engine.session import train
     from hsc_fast.engine.runlog import read_metrics
     from hsc_fast.data.synth import generate
     start = time.perf_counter()

@@ -9,7 +9,9 @@ import json
 from hsc_fast import distributed as D
 from hsc_fast.cli.common import parse_stage_args, stage_exit_status
 from hsc_fast.config import RunConfig
-from hsc_fast.engine.cam_trainer import build_ds_config, check_geometry, train
+from hsc_fast.engine.deepspeed import build_ds_config
+from hsc_fast.engine.cam_trainer import check_geometry
+from hsc_fast.engine.session import train
 from hsc_fast.errors import ConfigError
 
 

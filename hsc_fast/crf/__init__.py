@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import sys
+from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -32,6 +33,7 @@ import numpy as np
 
 from hsc_fast.crf.params import DEEPLAB_TEST, INFERENCE, TRAIN, CrfParams, validate_params  # noqa: F401 - the API
 from hsc_fast.errors import ConfigError, DataError
+from hsc_fast.registry import CRF_BACKENDS
 
 UNARY_CLIP = 1e-5          # pydensecrf.utils.unary_from_softmax's default clip
 
@@ -41,22 +43,28 @@ UNARY_CLIP = 1e-5          # pydensecrf.utils.unary_from_softmax's default clip
 # --------------------------------------------------------------------------------------------
 
 Backend = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], CrfParams], list]
-_BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(name: str, fn: Backend) -> None:
-    """Make ``fn`` selectable as ``backend=name``."""
-    _BACKENDS[name] = fn
+@dataclass(frozen=True)
+class CrfBackend:
+    """One inference-CRF backend: ``fn(images, unaries, params) -> marginals``; ``batched``: it takes
+    many images per call on one device (no process pool), else one image per call in pool workers."""
+    name: str
+    fn: Backend
+    batched: bool
+
+
+def register_backend(name: str, fn: Backend, *, batched: bool) -> CrfBackend:
+    """Make ``fn`` selectable as ``backend=name`` (``seeds.crf_backend``, ``deeplab.crf_backend``)."""
+    return CRF_BACKENDS.register(name, CrfBackend(name, fn, batched))
 
 
 def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted(CRF_BACKENDS.names())
 
 
 def _get_backend(name: str) -> Backend:
-    if name not in _BACKENDS:
-        raise ConfigError(f"crf backend: expected one of {available_backends()}, got {name!r}")
-    return _BACKENDS[name]
+    return CRF_BACKENDS.get(name).fn
 
 
 def _pydensecrf_one(img: np.ndarray, unary: np.ndarray, params: CrfParams) -> np.ndarray:
@@ -82,8 +90,8 @@ def _gpu_backend(images, unaries, params):
     return lattice_crf_batch(images, unaries, **params.kwargs())
 
 
-register_backend("pydensecrf", _pydensecrf_backend)
-register_backend("gpu", _gpu_backend)
+register_backend("pydensecrf", _pydensecrf_backend, batched=False)
+register_backend("gpu", _gpu_backend, batched=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +227,7 @@ def crf_imap(pairs: Iterable[tuple[np.ndarray, np.ndarray]], *, workers: int = 1
         raise ConfigError(f"crf chunksize/gpu_batch: expected >= 1, got {chunksize}/{gpu_batch}")
     _get_backend(backend)
     pairs = iter(pairs)
-    if backend != "pydensecrf":
+    if CRF_BACKENDS.get(backend).batched:
         while batch := list(islice(pairs, gpu_batch)):
             images = [_check_image(img, "crf_batch images") for img, _ in batch]
             unaries = [unary_from_probs(pr, "crf_batch probs") for _, pr in batch]

@@ -29,9 +29,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from hsc_fast.errors import ConfigError
+from hsc_fast.registry import TRAIN_CRF_BACKENDS
 
-TRAIN_CRF_BACKENDS = ("lattice", "dense", "pydensecrf")
 
 
 def pydensecrf_crf_labels(images_uint8: torch.Tensor, labels: torch.Tensor, n_labels: int = 21,
@@ -51,21 +50,31 @@ def pydensecrf_crf_labels(images_uint8: torch.Tensor, labels: torch.Tensor, n_la
     return torch.from_numpy(refined.astype(np.int64)).to(labels.device)
 
 
-def _backend(name: str) -> Callable:
-    if name == "lattice":
-        from hsc_fast.crf.lattice import lattice_crf_labels  # noqa: PLC0415
-        return lattice_crf_labels
-    if name == "dense":
-        from hsc_fast.crf.dense import dense_crf_labels  # noqa: PLC0415
-        return dense_crf_labels
-    if name == "pydensecrf":
-        return pydensecrf_crf_labels
-    raise ConfigError(f"config key 'loss.train_crf_backend': {name!r} is not one of {', '.join(TRAIN_CRF_BACKENDS)}")
+def _lattice(images_uint8, labels, **params):
+    from hsc_fast.crf.lattice import lattice_crf_labels  # noqa: PLC0415
+    return lattice_crf_labels(images_uint8, labels, **params)
+
+
+def _dense(images_uint8, labels, **params):
+    from hsc_fast.crf.dense import dense_crf_labels  # noqa: PLC0415
+    return dense_crf_labels(images_uint8, labels, **params)
+
+
+def register_train_backend(name: str, fn: Callable[..., torch.Tensor], *, batched: bool) -> Callable:
+    """Make ``fn(images_uint8 (N,3,H,W), labels (N,H,W), **params) -> labels`` selectable as
+    ``loss.train_crf_backend: name``; ``batched``: the whole batch in one call on its device."""
+    fn.batched = batched
+    return TRAIN_CRF_BACKENDS.register(name, fn)
+
+
+register_train_backend("lattice", _lattice, batched=True)
+register_train_backend("dense", _dense, batched=True)
+register_train_backend("pydensecrf", pydensecrf_crf_labels, batched=False)
 
 
 def train_crf_fn(backend: str = "lattice") -> Callable[..., torch.Tensor]:
     """The training-CRF function of ``loss.train_crf_backend`` (float32: autocast disabled inside)."""
-    fn = _backend(backend)
+    fn = TRAIN_CRF_BACKENDS.get(backend)
 
     def refine(images_uint8: torch.Tensor, labels: torch.Tensor, **params) -> torch.Tensor:
         with torch.autocast(labels.device.type, enabled=False):

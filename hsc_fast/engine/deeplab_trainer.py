@@ -37,7 +37,9 @@ from hsc_fast import checkpoint as ckpt
 from hsc_fast import distributed as D
 from hsc_fast import io
 from hsc_fast.config import OptimConfig, RunConfig
-from hsc_fast.engine.cam_trainer import (EpochStream, StepLoop, build_ds_config, training_session)
+from hsc_fast.engine.loop import EpochStream, StepLoop
+from hsc_fast.engine.deepspeed import build_ds_config
+from hsc_fast.engine.session import training_session
 from hsc_fast.errors import ConfigError, DataError, TrainingError, WeightsError
 from hsc_fast.engine.runlog import RunLog
 from hsc_fast.data.seg_set import (SegTrainSet, epoch_batches, missing_labels, open_image_reader, predict_probs)

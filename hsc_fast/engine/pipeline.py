@@ -129,7 +129,7 @@ def stage_pretrain(ctx: Context) -> dict:
 
 
 def stage_train_cam(ctx: Context) -> dict:
-    from hsc_fast.engine.cam_trainer import train
+    from hsc_fast.engine.session import train
     ctx.cfg.data.train = shard_index(ctx)
     summary = train(ctx.cfg, ctx.path("cam"), resume="auto", progress=ctx.progress)
     return {"final": str(ctx.path("cam", "final", "model.pt")), "summary": summary}

@@ -1,12 +1,11 @@
 """`method_losses`: every loss term of one training step for the configured method.
 
-Methods (LossConfig.method), all two-view (view 2 = view 1 resized) as the authors' code:
-  seam      cls + er + ecr  (cls = GAP soft-margin of both views + SEAM adaptive min-pooling)
-  eps       seam + EPS saliency loss (the authors' "EPS" baseline: their run minus HSC)
-  ppc_seam  seam + PPC;  ppc_eps  eps + PPC
-  hsc_seam  seam + RSC + CSC + PSC;  hsc_eps  eps + RSC + CSC + PSC (the official run)
-Ablation switches: use_rsc / use_csc / use_psc, cross_supervision, momentum_prototypes,
-train_crf (CRF-refined pseudo-labels for RSC/PSC; off: the argmax labels).
+Methods (``loss.method``) are registered in hsc_fast/losses/methods/ (one file each): seam, eps,
+ppc_seam, ppc_eps, hsc_seam, hsc_eps (the official run). All are two-view (view 2 = view 1
+resized), as the authors' code. Every method gets the SEAM baseline terms (cls + er + ecr, and
+EPS's saliency term when it declares ``saliency``); its own ``terms`` are added after them, in
+their order. Ablation switches: use_rsc / use_csc / use_psc, cross_supervision,
+momentum_prototypes, train_crf (CRF-refined pseudo-labels for RSC/PSC; off: the argmax labels).
 formulation: the HSC equations of the authors' code (hsc.py) or of the paper (hsc_paper.py).
 """
 from __future__ import annotations
@@ -15,16 +14,15 @@ from typing import Callable, Optional
 
 import torch
 
-from hsc_fast.errors import ConfigError
 from hsc_fast.ops import upcast, LossInputError
 from hsc_fast.precision import fp32_losses
 from hsc_fast.losses.prototypes import DistContext, PrototypeBanks
-from hsc_fast.losses.baselines import adaptive_min_pooling_loss, eps_saliency_loss, ppc_loss, seam_er_ecr
+from hsc_fast.losses.baselines import adaptive_min_pooling_loss, eps_saliency_loss, seam_er_ecr
 from hsc_fast.losses.cam import (classification_loss, contrast_hw, crf_images, normalize_cam, pseudo_labels,
                   resize_to)
-from hsc_fast.losses.hsc_paper import hsc_losses
+from hsc_fast.losses.methods import MethodStep, get_method
+from hsc_fast.registry import METHODS  # noqa: F401 - the registered names (hsc_fast.losses.METHODS)
 
-METHODS = ("seam", "eps", "ppc_seam", "ppc_eps", "hsc_seam", "hsc_eps")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -106,31 +104,17 @@ def method_losses(out1: dict, out2: dict, batch: dict, banks, cfg, crf_fn: Optio
     banks: PrototypeBanks or dict rsc1/rsc2/csc1/csc2/psc1/psc2; the returned dict holds the
     updated banks (unchanged ones included); copy them back with PrototypeBanks.update_.
     """
-    if cfg.method not in METHODS:
-        raise ConfigError(f"loss.method: {cfg.method!r} is not one of {', '.join(METHODS)}")
-    base, _, extra = cfg.method.partition("_") if "_" in cfg.method else ("", "", cfg.method)
-    backbone = extra  # "seam" | "eps"
-    terms = baseline_terms(out1, out2, batch, cfg, with_saliency=(backbone == "eps"))
+    method = get_method(cfg.method)
+    if method.projectors and "feat_psc" not in out1:
+        raise LossInputError(f"method {cfg.method!r} needs the contrast projectors: the model outputs have no "
+                             "'feat_psc' / 'feat_rsc'")
+    terms = baseline_terms(out1, out2, batch, cfg, with_saliency=method.saliency)
     old = _bank_dict(banks)
     new = dict(old)
-    if base in ("hsc", "ppc"):
-        c = contrast_inputs(out1, out2, batch, cfg, crf_fn, img_mean, img_std)
-    if base == "ppc":
-        terms["ppc"] = ppc_loss(c["cam1"], c["feat_psc1"], c["cam2"], c["feat_psc2"], c["y1"], c["y2"],
-                                cfg, impl=cfg.impl, generator=generator)
-    if base == "hsc":
-        kw = dict(impl=cfg.impl, dist_ctx=dist_ctx)
-        rsc_loss, csc_loss, psc_loss = hsc_losses(cfg.formulation)  # code | paper (hsc_paper.py)
-        if cfg.use_rsc:
-            terms["rsc"], new["rsc1"], new["rsc2"] = rsc_loss(
-                c["feat_rsc1"], c["feat_rsc2"], c["y1"], c["y2"], old["rsc1"], old["rsc2"], cfg, **kw)
-        if cfg.use_csc:
-            terms["csc"], new["csc1"], new["csc2"] = csc_loss(
-                c["feat_rsc1"], c["cam1"], c["feat_rsc2"], c["cam2"], batch["label"],
-                old["csc1"], old["csc2"], cfg, **kw)
-        if cfg.use_psc:
-            terms["psc"], new["psc1"], new["psc2"] = psc_loss(
-                c["cam1"], c["feat_psc1"], c["cam2"], c["feat_psc2"], c["y1"], c["y2"],
-                old["psc1"], old["psc2"], cfg, **kw)
+    if method.terms is not None:
+        c = contrast_inputs(out1, out2, batch, cfg, crf_fn, img_mean, img_std) if method.contrast else None
+        extra, updated = method.terms(MethodStep(out1, out2, batch, old, cfg, c, dist_ctx, generator))
+        terms.update(extra)
+        new.update(updated)
     terms["total"] = sum(terms.values())
     return terms, new

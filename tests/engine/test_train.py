@@ -7,7 +7,7 @@ import torch
 
 from hsc_fast import checkpoint as C
 from hsc_fast.config import load_config
-from hsc_fast.engine.cam_trainer import train
+from hsc_fast.engine.session import train
 from hsc_fast.errors import TrainingError
 from hsc_fast.engine.optim import PolySchedule, build_optimizer, effective_momentum
 

@@ -110,7 +110,7 @@ def test_no_check_and_no_kernel_for_cpu_tensors_by_default(monkeypatch):
 def test_a_training_run_records_the_verdicts_in_env_json(tmp_path, monkeypatch):
     import kernels.psc
     from engine.test_train import tiny_cfg
-    from hsc_fast.engine.cam_trainer import train
+    from hsc_fast.engine.session import train
     from hsc_fast.data.synth import generate
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
