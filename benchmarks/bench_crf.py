@@ -1,5 +1,5 @@
 """Dense-CRF benchmark: pydensecrf (1 core, N-process pool) vs the ``gpu`` lattice backend, and the
-16x16 training CRF per training step (``loss.train_crf_backend``: pydensecrf per-image loop, dense
+16x16 training CRF per training step (``loss.crf.backend``: pydensecrf per-image loop, dense
 batched, lattice batched; on CUDA also dense and lattice on the GPU).
 
     python benchmarks/bench_crf.py [--quick] [--workers N] [--out benchmarks/results/crf]
@@ -202,7 +202,7 @@ def _median_time(fn, repeats: int, sync) -> tuple[object, float]:
 
 
 def run_train_crf(samples, n_images: int, repeats: int) -> list[dict]:
-    """HSC's per-step 16x16 CRF (loss.train_crf_backend): 2 views x batch 12 = 24 label maps, run as
+    """HSC's per-step 16x16 CRF (loss.crf.backend): 2 views x batch 12 = 24 label maps, run as
     the Trainer does (one call per view, 12 images each) through hsc_fast.crf.train.train_crf_fn.
     One record per backend and device: median seconds per training step over `repeats` steps,
     pixel agreement with pydensecrf (the authors' per-image loop)."""

@@ -8,6 +8,8 @@ engine settings (ZeRO stage, bf16, gradient accumulation, clipping), never metho
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +92,73 @@ class PretrainConfig:
     log_every: int = _f(20, "metrics row every N steps")
 
 
+# The authors' three CRF parameter sets (pydensecrf's DenseCRF2D: Gaussian sxy/compat, bilateral
+# sxy/srgb/compat, mean-field iterations), in one place; hsc_fast.crf.params builds its CrfParams
+# presets from these. inference: seeds -> pseudo-labels (SEAM / PSA / HSC infer scripts);
+# deeplab_test: DeepLab's test-time CRF; train: HSC's 16x16 in-training CRF (gt_prob 0.7 labels).
+CRF_PRESETS = {
+    "inference": dict(iters=8, gauss_sxy=3.0, gauss_compat=3.0, bi_sxy=80.0, bi_srgb=13.0, bi_compat=10.0),
+    "deeplab_test": dict(iters=10, gauss_sxy=1.0, gauss_compat=3.0, bi_sxy=67.0, bi_srgb=3.0, bi_compat=4.0),
+    "train": dict(iters=10, gauss_sxy=3.0, gauss_compat=3.0, bi_sxy=50.0, bi_srgb=5.0, bi_compat=10.0),
+}
+CRF_PARAM_HELP = {"iters": "mean-field iterations", "gauss_sxy": "Gaussian (smoothness) kernel width in pixels",
+                  "gauss_compat": "Gaussian kernel Potts weight", "bi_sxy": "bilateral (appearance) kernel width in pixels",
+                  "bi_srgb": "bilateral kernel colour width", "bi_compat": "bilateral kernel Potts weight"}
+
+
+class CrfSection:
+    """Base of the three CRF sections (``loss.crf``, ``seeds.crf``, ``deeplab.crf``): a backend,
+    a ``preset`` (one of CRF_PRESETS, applied before the keys given beside it or after it) and
+    the six parameters."""
+    preset: str
+
+    def params(self) -> dict:
+        """The six parameters, as keyword arguments of hsc_fast.crf (CrfParams(**params))."""
+        return {k: getattr(self, k) for k in CRF_PARAM_HELP}
+
+
+def _crf_section(name: str, preset: str, fields_before: list, doc: str):
+    """A CRF section dataclass: its own fields, then ``preset`` and the six parameters with the
+    values of ``preset`` as defaults (one definition of the parameters for all three sections)."""
+    params = [(k, type(v), _f(v, CRF_PARAM_HELP[k])) for k, v in CRF_PRESETS[preset].items()]
+    preset_field = ("preset", str, _f(preset, f"parameter set applied first: {' | '.join(CRF_PRESETS)} "
+                                              "(keys given beside it, or --set after it, win)"))
+    cls = dataclasses.make_dataclass(name, fields_before + [preset_field] + params, bases=(CrfSection,))
+    cls.__doc__, cls.__module__ = doc, __name__
+    return cls
+
+
+TrainCrfConfig = _crf_section("TrainCrfConfig", "train", [
+    ("enabled", bool, _f(True, "refine the training pseudo-labels of RSC/PSC with the dense CRF")),
+    ("backend", str, _f("lattice", "lattice (permutohedral, batched on the training device: pydensecrf's labels, "
+                                   "as the authors) | dense (exact Gaussian kernels, batched: not the authors' CRF, "
+                                   "~99 % of their labels) | pydensecrf (the authors' per-image CPU loop)")),
+    ("gt_prob", float, _f(0.7, "unary confidence of the label")),
+], "loss.crf: HSC's in-training CRF (hsc_fast.crf.train).")
+SeedCrfConfig = _crf_section("SeedCrfConfig", "inference", [
+    ("backend", str, _f("pydensecrf", "seed CRF backend (hsc_fast.crf)")),
+    ("alpha", float, _f(7.0, "background probability (1 - max fg)^alpha")),
+], "seeds.crf: the CRF of the seed CAMs -> pseudo-labels (hsc_fast.eval.seeds).")
+TestCrfConfig = _crf_section("TestCrfConfig", "deeplab_test", [
+    ("enabled", bool, _f(True, "CRF at test time (pred_crf/, eval_crf.json beside the plain prediction)")),
+    ("backend", str, _f("pydensecrf", "test CRF backend (hsc_fast.crf)")),
+], "deeplab.crf: the DeepLab test-time CRF (hsc_fast.engine.deeplab_trainer.evaluate_deeplab).")
+
+# Flat keys of earlier releases -> their place in the nested CRF sections (a clear error, not a guess).
+RENAMED_KEYS = {
+    "loss.train_crf": "loss.crf.enabled", "loss.train_crf_backend": "loss.crf.backend",
+    "loss.crf_gt_prob": "loss.crf.gt_prob", "seeds.crf_alpha": "seeds.crf.alpha",
+    "seeds.crf_backend": "seeds.crf.backend", "deeplab.test_crf": "deeplab.crf.enabled",
+    "deeplab.crf_backend": "deeplab.crf.backend",
+    **{f"{sec}.crf_{k}": f"{sec}.crf.{k}" for sec in ("loss", "seeds") for k in CRF_PARAM_HELP},
+}
+
+
+def _section(cls, help: str):
+    """A nested section field (its keys are listed under their dotted prefix)."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
 @dataclass
 class LossConfig:
     method: str = _f("hsc_eps", "training method, one file each in hsc_fast/losses/methods/")
@@ -104,11 +173,6 @@ class LossConfig:
     use_psc: bool = _f(True, "pixel-level semantic contrast")
     cross_supervision: bool = _f(True, "cross-view terms (paper Table 4 'CS')")
     momentum_prototypes: bool = _f(True, "momentum prototype term in PSC (Table 4 'MPL')")
-    train_crf: bool = _f(True, "refine training pseudo-labels with the dense CRF")
-    train_crf_backend: str = _f("lattice", "training CRF: lattice (permutohedral, batched on the training device: "
-                                "pydensecrf's labels, as the authors) | dense (exact Gaussian kernels, batched: "
-                                "not the authors' CRF, ~99 % of their labels) | pydensecrf (the authors' "
-                                "per-image CPU loop)")
     rsc_weight: float = _f(0.1, "weight of RSC")
     csc_weight: float = _f(0.1, "weight of CSC")
     psc_weight: float = _f(0.1, "weight of PSC")
@@ -122,13 +186,7 @@ class LossConfig:
     csc_momentum: float = _f(0.5, "CSC bank EMA weight of the new value")
     psc_topk: int = _f(16, "PSC batch-wide top-k pixels per class (prototypes)")
     psc_momentum: float = _f(0.5, "PSC bank EMA weight of the new value")
-    crf_gt_prob: float = _f(0.7, "training CRF: unary confidence of the label")
-    crf_iters: int = _f(10, "training CRF mean-field iterations")
-    crf_gauss_sxy: float = _f(3.0, "training CRF Gaussian kernel sxy")
-    crf_gauss_compat: float = _f(3.0, "training CRF Gaussian kernel compat")
-    crf_bi_sxy: float = _f(50.0, "training CRF bilateral sxy")
-    crf_bi_srgb: float = _f(5.0, "training CRF bilateral srgb")
-    crf_bi_compat: float = _f(10.0, "training CRF bilateral compat")
+    crf: TrainCrfConfig = _section(TrainCrfConfig, "the in-training CRF refining the pseudo-labels of RSC/PSC")
     # Baseline terms
     seam_er_weight: float = _f(1.0, "SEAM equivariant regularisation weight")
     seam_ecr_weight: float = _f(1.0, "SEAM equivariant cross regularisation weight")
@@ -192,14 +250,7 @@ class SeedConfig:
     fp16: bool = _f(False, "store CAM .npy as float16")
     thresholds: str = _f("0.00:0.60:0.01", "background threshold sweep A:B:STEP (B excluded)")
     bg_threshold: float = _f(-1.0, "threshold for seeds (-1: best of the sweep)")
-    crf_alpha: float = _f(7.0, "CRF bg probability (1 - max fg)^alpha")
-    crf_iters: int = _f(8, "CRF iterations")
-    crf_backend: str = _f("pydensecrf", "seed CRF backend (hsc_fast.crf)")
-    crf_gauss_sxy: float = _f(3.0, "CRF Gaussian sxy")
-    crf_gauss_compat: float = _f(3.0, "CRF Gaussian compat")
-    crf_bi_sxy: float = _f(80.0, "CRF bilateral sxy")
-    crf_bi_srgb: float = _f(13.0, "CRF bilateral srgb")
-    crf_bi_compat: float = _f(10.0, "CRF bilateral compat")
+    crf: SeedCrfConfig = _section(SeedCrfConfig, "the CRF turning seeds into pseudo-labels")
     eval_list: str = _f("", "ids evaluated (default: VOC train list)")
 
 
@@ -219,10 +270,9 @@ class DeeplabConfig:
     crop_size: int = _f(448, "crop (pad image 0, label 255)")
     scale_range: list = _f([0.5, 1.5], "random scale range")
     test_scales: list = _f([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "test scales (with flip)")
-    test_crf: bool = _f(True, "CRF at test time")
     flip: bool = _f(True, "random horizontal flip in training")
     test_flip: bool = _f(True, "add horizontally flipped inputs at test time")
-    crf_backend: str = _f("pydensecrf", "test CRF backend: pydensecrf | gpu (hsc_fast.crf)")
+    crf: TestCrfConfig = _section(TestCrfConfig, "the test-time CRF of the DeepLab evaluation")
     save_every: int = _f(1000, "checkpoint every N steps")
 
 
@@ -274,9 +324,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        where = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)} in {where}; "
-                          f"known: {', '.join(sorted(names))}")
+        raise ConfigError(_unknown_keys_message(prefix, unknown, names))
+    if issubclass(cls, CrfSection) and "preset" in data:
+        data = {**_crf_preset(data["preset"], prefix + "preset"), **data}
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -286,6 +336,25 @@ def from_dict(cls, data: dict, prefix: str = ""):
         else:
             kwargs[name] = _check_value(value, tp, key)
     return cls(**kwargs)
+
+
+def _unknown_keys_message(prefix: str, unknown: list, names: set) -> str:
+    """Unknown keys of one section: a renamed key names its new place, a typo the closest key."""
+    first = prefix + unknown[0]
+    if first in RENAMED_KEYS:
+        return (f"config key '{first}' was renamed to '{RENAMED_KEYS[first]}' (the CRF settings are nested: "
+                f"loss.crf.*, seeds.crf.*, deeplab.crf.*; README 'Config')")
+    close = difflib.get_close_matches(first, [prefix + n for n in names], n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    where = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
+    return (f"unknown config key(s) {', '.join(prefix + u for u in unknown)} in {where}{hint} "
+            f"known: {', '.join(sorted(names))}")
+
+
+def _crf_preset(name: Any, key: str) -> dict:
+    if name not in CRF_PRESETS:
+        raise ConfigError(f"config key '{key}': {name!r} is not one of {', '.join(CRF_PRESETS)}")
+    return dict(CRF_PRESETS[name])
 
 
 def to_dict(cfg) -> dict:
@@ -352,6 +421,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{text}': '{k}' is not a section")
+        if keys[-1] == "preset" and len(keys) >= 2 and keys[-2] == "crf":
+            for name in CRF_PARAM_HELP:  # a preset set on the command line replaces the six parameters
+                node.pop(name, None)
         node[keys[-1]] = value
     return data
 
@@ -377,8 +449,12 @@ _CHOICES = {
     "loss.impl": ("auto", "triton", "torch"),
     "loss.formulation": ("code", "paper"),
     "loss.rsc_normalize": ("width", "channel"),
-    "loss.train_crf_backend": TRAIN_CRF_BACKENDS,
-    "seeds.crf_backend": CRF_BACKENDS,
+    "loss.crf.backend": TRAIN_CRF_BACKENDS,
+    "seeds.crf.backend": CRF_BACKENDS,
+    "deeplab.crf.backend": CRF_BACKENDS,
+    "loss.crf.preset": tuple(CRF_PRESETS),
+    "seeds.crf.preset": tuple(CRF_PRESETS),
+    "deeplab.crf.preset": tuple(CRF_PRESETS),
     "pretrain.precision": ("auto", "fp32", "bf16"),
     "pretrain.ranks": ("auto", "all", "main"),
     "deeplab.backbone": ("resnet101", "resnet50", "resnet18"),
@@ -389,8 +465,7 @@ _CHOICES = {
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     for key, choices in _CHOICES.items():
-        sec, name = key.split(".")
-        value = getattr(getattr(cfg, sec), name)
+        value = get_key(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
     if len(cfg.data.resize_long) != 2 or cfg.data.resize_long[0] > cfg.data.resize_long[1]:
@@ -402,6 +477,33 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key '{key}': must be positive")
     if cfg.data.workers < 0:
         raise ConfigError("config key 'data.workers': must be >= 0")
+    for sec in ("loss", "seeds", "deeplab"):
+        _check_crf_section(getattr(cfg, sec).crf, f"{sec}.crf")
+
+
+def get_key(cfg, key: str) -> Any:
+    """The value of a dotted key ('loss.crf.backend') of a config."""
+    node = cfg
+    for name in key.split("."):
+        node = getattr(node, name)
+    return node
+
+
+def _check_crf_section(crf: CrfSection, prefix: str) -> None:
+    """The CRF parameters hsc_fast.crf.CrfParams would reject, named by their config key."""
+    if crf.iters < 0:
+        raise ConfigError(f"config key '{prefix}.iters': expected an integer >= 0, got {crf.iters}")
+    for name in ("gauss_sxy", "bi_sxy", "bi_srgb"):
+        value = getattr(crf, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"config key '{prefix}.{name}': expected a finite number > 0, got {value}")
+    for name in ("gauss_compat", "bi_compat"):
+        if not math.isfinite(getattr(crf, name)):
+            raise ConfigError(f"config key '{prefix}.{name}': expected a finite number, got {getattr(crf, name)}")
+    for name, lo, hi in (("gt_prob", 0.0, 1.0), ("alpha", 0.0, math.inf)):
+        value = getattr(crf, name, None)
+        if value is not None and not lo < value < hi:
+            raise ConfigError(f"config key '{prefix}.{name}': expected a number in ({lo}, {hi}), got {value}")
 
 
 def describe(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:

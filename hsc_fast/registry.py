@@ -1,7 +1,7 @@
 """Named registries: the extension points (methods, CRF backends). Choices are read from them.
 
 A ``Registry`` maps names to entries. The modules that register into it are imported when the
-registry is first read (``provider``: a dotted module path), so that this leaf module -- and the
+registry is first read (``providers``: dotted module paths), so that this leaf module -- and the
 config that validates against it -- need not import the layers above: dependency inversion, as
 entry points do. ``get`` raises ConfigError naming the config key and the registered choices.
 """
@@ -14,11 +14,11 @@ from hsc_fast.errors import ConfigError
 
 
 class Registry:
-    """name -> entry, filled by ``register`` calls in the modules of ``provider``."""
+    """name -> entry, filled by ``register`` calls in the modules of ``providers``."""
 
-    def __init__(self, key: str, provider: str):
-        self.key = key            # the config key choosing an entry, for error messages
-        self.provider = provider  # module whose import registers every entry
+    def __init__(self, key: str, *providers: str):
+        self.key = key              # the config key choosing an entry, for error messages
+        self.providers = providers  # modules whose import registers every entry
         self._entries: dict[str, Any] = {}
         self._loaded = False
 
@@ -31,7 +31,8 @@ class Registry:
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
-            importlib.import_module(self.provider)
+            for provider in self.providers:
+                importlib.import_module(provider)
 
     def names(self) -> tuple[str, ...]:
         """Registered names, in registration order."""
@@ -55,5 +56,6 @@ class Registry:
 
 
 METHODS = Registry("loss.method", "hsc_fast.losses.methods")
-CRF_BACKENDS = Registry("seeds.crf_backend", "hsc_fast.crf")
-TRAIN_CRF_BACKENDS = Registry("loss.train_crf_backend", "hsc_fast.crf.train")
+# hsc_fast.crf.backends: the plug-in folder (one file per added backend), after the built-ins.
+CRF_BACKENDS = Registry("seeds.crf.backend", "hsc_fast.crf", "hsc_fast.crf.backends")  # and deeplab.crf.backend
+TRAIN_CRF_BACKENDS = Registry("loss.crf.backend", "hsc_fast.crf.train", "hsc_fast.crf.backends")

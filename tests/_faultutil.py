@@ -30,7 +30,7 @@ TINY = {
     "model": {"backbone": "resnet18", "weights": "", "allow_random_init": True, "frozen_bn": False,
               "freeze_stem": False, "rsc_dim": 16, "psc_dim": 8},
     "loss": {"method": "hsc_seam", "contrast_size": 4, "csc_topk": 8, "csc_update_topk": 4, "psc_topk": 4,
-             "crf_iters": 2},
+             "crf": {"iters": 2}},
     "optim": {"lr": 0.01, "official_momentum_quirk": False, "momentum": 0.9, "poly_steps": 100},
     "train": {"max_steps": 6, "save_every": 2, "keep_last": 5, "deterministic": True, "tensorboard": False,
               "image_every": 0, "dist_timeout_s": 20, "log_every": 1},

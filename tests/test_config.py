@@ -112,3 +112,72 @@ def test_deepspeed_json_must_not_hold_batch_or_optimizer(tmp_path):
     p.write_text(json.dumps({"gradient_accumulation_steps": 0}))
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
         build_ds_config(load_config("demo", [f"train.ds_config={p}"]), 1)
+
+
+# ------------------------------------------------------------------ the nested CRF sections
+def test_crf_sections_default_to_the_authors_three_parameter_sets():
+    from hsc_fast.config import CRF_PRESETS, RunConfig
+    from hsc_fast.crf import DEEPLAB_TEST, INFERENCE, TRAIN
+    cfg = RunConfig()
+    for section, preset, params in (("loss", "train", TRAIN), ("seeds", "inference", INFERENCE),
+                                    ("deeplab", "deeplab_test", DEEPLAB_TEST)):
+        crf = getattr(cfg, section).crf
+        assert crf.preset == preset and crf.params() == CRF_PRESETS[preset] == params.kwargs(), section
+    # the numbers of the authors' scripts (SEAM/PSA infer, DeepLab test, HSC's training CRF)
+    assert CRF_PRESETS["inference"] == dict(iters=8, gauss_sxy=3, gauss_compat=3, bi_sxy=80, bi_srgb=13, bi_compat=10)
+    assert CRF_PRESETS["deeplab_test"] == dict(iters=10, gauss_sxy=1, gauss_compat=3, bi_sxy=67, bi_srgb=3, bi_compat=4)
+    assert CRF_PRESETS["train"] == dict(iters=10, gauss_sxy=3, gauss_compat=3, bi_sxy=50, bi_srgb=5, bi_compat=10)
+    assert (cfg.loss.crf.enabled, cfg.loss.crf.backend, cfg.loss.crf.gt_prob) == (True, "lattice", 0.7)
+    assert (cfg.seeds.crf.alpha, cfg.seeds.crf.backend, cfg.deeplab.crf.enabled) == (7.0, "pydensecrf", True)
+
+
+def test_a_crf_preset_fills_the_parameters_and_given_keys_win(tmp_path):
+    from hsc_fast.config import CRF_PRESETS
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"base: {PRESET_DIR / 'seam.yaml'}\nseeds:\n  crf:\n    iters: 3\n    preset: deeplab_test\n")
+    crf = load_config(str(yaml_file)).seeds.crf
+    assert crf.params() == dict(CRF_PRESETS["deeplab_test"], iters=3)    # beside it in the file: the key wins
+    # on the command line a preset replaces all six; a key given after it wins
+    crf = load_config(str(yaml_file), ["seeds.crf.preset=train"]).seeds.crf
+    assert crf.params() == CRF_PRESETS["train"] and crf.preset == "train"
+    crf = load_config("seam", ["seeds.crf.preset=train", "seeds.crf.bi_srgb=7"]).seeds.crf
+    assert crf.params() == dict(CRF_PRESETS["train"], bi_srgb=7.0)
+    with pytest.raises(ConfigError, match=r"'seeds.crf.preset': 'voc' is not one of inference, deeplab_test, train"):
+        load_config("seam", ["seeds.crf.preset=voc"])
+
+
+@pytest.mark.parametrize("old,new", [("loss.train_crf=false", "loss.crf.enabled"),
+                                     ("loss.train_crf_backend=dense", "loss.crf.backend"),
+                                     ("loss.crf_iters=3", "loss.crf.iters"),
+                                     ("seeds.crf_alpha=4", "seeds.crf.alpha"),
+                                     ("seeds.crf_bi_srgb=3", "seeds.crf.bi_srgb"),
+                                     ("deeplab.test_crf=false", "deeplab.crf.enabled"),
+                                     ("deeplab.crf_backend=gpu", "deeplab.crf.backend")])
+def test_old_flat_crf_keys_name_their_new_key(old, new):
+    with pytest.raises(ConfigError, match=rf"'{old.split('=')[0]}' was renamed to '{new}'"):
+        load_config("seam", [old])
+
+
+def test_bad_crf_parameters_fail_naming_the_key():
+    for override, key in (("seeds.crf.bi_sxy=0", "seeds.crf.bi_sxy"), ("loss.crf.iters=-1", "loss.crf.iters"),
+                          ("loss.crf.gt_prob=1.5", "loss.crf.gt_prob"), ("deeplab.crf.bi_srgb=.nan", "deeplab.crf.bi_srgb"),
+                          ("seeds.crf.alpha=0", "seeds.crf.alpha"), ("deeplab.crf.backend=cuda", "deeplab.crf.backend")):
+        with pytest.raises(ConfigError, match=rf"'{key}'"):
+            load_config("seam", [override])
+
+
+def test_unknown_key_suggests_the_closest_known_one():
+    with pytest.raises(ConfigError, match=r"loss.tua .*did you mean 'loss.tau'\?"):
+        load_config("seam", ["loss.tua=0.2"])
+    with pytest.raises(ConfigError, match=r"did you mean 'seeds.crf.alpha'\?"):
+        load_config("seam", ["seeds.crf.alpah=4"])
+    with pytest.raises(ConfigError) as e:
+        load_config("seam", ["loss.zzzzzz=1"])
+    assert "did you mean" not in str(e.value)       # nothing close: no guess, the known keys
+
+
+def test_saved_config_with_nested_crf_reloads_identically(tmp_path):
+    from hsc_fast.config import save_config, to_dict
+    cfg = load_config("demo", ["seeds.crf.preset=train", "deeplab.crf.iters=2"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert to_dict(load_config(str(tmp_path / "config.yaml"))) == to_dict(cfg)

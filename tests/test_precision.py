@@ -103,7 +103,7 @@ def test_bf16_inputs_are_computed_in_fp32():
 def test_method_losses_under_autocast_equal_fp32(method):
     from losses.test_losses import fake_outputs
     out1, out2, batch = fake_outputs(n=2, seed=3)
-    cfg = LossConfig.official(impl="torch", method=method, train_crf=True, contrast_size=4, csc_topk=16,
+    cfg = LossConfig.official(impl="torch", method=method, contrast_size=4, csc_topk=16,
                               csc_update_topk=4, psc_topk=2)
     call = lambda: method_losses(out1, out2, batch, PrototypeBanks(0), cfg,  # noqa: E731
                                  generator=torch.Generator().manual_seed(0))
@@ -129,7 +129,7 @@ def test_a_training_step_under_cpu_autocast_computes_the_losses_in_fp32(tmp_path
     data = tmp_path / "synth"
     generate(data, 6, 2, 0, 64)
     cfg = tiny_cfg(data, train__cpu_bf16_autocast="true")  # the demo preset: hsc_seam, CRF on
-    assert cfg.loss.method == "hsc_seam" and cfg.loss.train_crf
+    assert cfg.loss.method == "hsc_seam" and cfg.loss.crf.enabled
     captured = []
     real = losses_pkg.method_losses
 

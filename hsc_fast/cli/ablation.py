@@ -7,27 +7,28 @@ from pathlib import Path
 import argparse
 import sys
 
+from hsc_fast.cli.common import add_config_args, add_dataset_args, exit_if_rank_lost, with_exit_codes
 from hsc_fast.config import load_config
-from hsc_fast.engine.ablation import VARIANTS, run_ablation, select_variants
-from hsc_fast.errors import ConfigError, HscError
+from hsc_fast.engine.ablation import run_ablation, select_variants, variants
+from hsc_fast.errors import HscError
 
 
 # ---------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from hsc_fast.engine.pipeline import add_dataset_args
+    """The ablation command line (variants, examples and the exit-status table end --help)."""
     p = argparse.ArgumentParser(
         prog="launch/ablation.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="HSC ablation (paper Table 4 rows + the EPS pair) at one budget and seed: seed mIoU per variant.",
-        epilog="variants: " + ", ".join(f"{v.name} ({v.title})" for v in VARIANTS) + "\n"
+        epilog=with_exit_codes(
+               "variants: " + ", ".join(f"{v.name} ({v.title})" for v in variants()) + "\n"
                "examples:\n"
                "  python launch/ablation.py --run-dir runs/ablation\n"
                "  python launch/ablation.py --run-dir runs/abl600 --set train.max_steps=600 --set optim.poly_steps=600\n"
-               "  python launch/ablation.py --run-dir runs/ablation --variants seam,hsc_seam")
+               "  python launch/ablation.py --run-dir runs/ablation --variants seam,hsc_seam",
+               failed="a variant failed", rank_lost=True))
     p.add_argument("--run-dir", required=True, help="shared data + one folder per variant + ablation.json/.md")
-    p.add_argument("--config", default="ablation/demo",
-                   help="shared YAML config or preset (default: configs/ablation/demo.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for every variant (repeatable), e.g. train.max_steps=600")
+    add_config_args(p, "ablation/demo", "shared YAML config or preset (default: configs/ablation/demo.yaml)",
+                    set_note="applied to every variant")
     p.add_argument("--variants", default="all", help="comma-separated subset (default: all)")
     p.add_argument("--force", action="store_true", help="delete and rerun the selected variants")
     add_dataset_args(p, val=False)  # --voc-root etc.: a real VOC2012 instead of the synthetic set
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit status: see common.exit_codes_epilog (0 done, 1 a variant failed, 2 bad input, 75 lost rank)."""
     from hsc_fast.engine.pipeline import dataset_from_args, start_context
     from hsc_fast.engine.pretrain import fill_weights
     args = build_parser().parse_args(argv)
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
         fill_weights(base_cfg, run_dir)  # every variant starts from the one shared SynthNet file
         variants = select_variants(args.variants)
         data = dataset_from_args(args, run_dir)
-    except ConfigError as e:
+    except HscError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from hsc_fast import distributed as D
@@ -55,6 +57,7 @@ def main(argv=None) -> int:
         run_ablation(root, base_cfg, variants, force=args.force, command=command,
                                log=print if root.rank == 0 else (lambda *_: None))
     except HscError as e:
+        exit_if_rank_lost(e)  # 75, like train_cam: the supervisor can tell a lost peer from a failure
         print(f"[rank {root.rank}] ablation failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -229,7 +229,7 @@ def smoke_config(data_dir: Path):
             f"data.sbd_root={data_dir / 'SBD'}", f"data.cls_labels={data_dir / 'cls_labels.npy'}",
             "data.batch_size=2", "data.workers=0", "data.crop_size=64", "data.resize_long=[64,80]",
             "data.view2_size=32", "loss.contrast_size=4", "loss.csc_topk=16", "loss.csc_update_topk=4",
-            "loss.psc_topk=1", "loss.crf_iters=3", "loss.impl=auto", "model.allow_random_init=true",
+            "loss.psc_topk=1", "loss.crf.iters=3", "loss.impl=auto", "model.allow_random_init=true",
             "model.frozen_bn=false", "model.freeze_stem=false", "pretrain.enabled=false",
             "train.max_steps=2", "train.save_every=2", "train.tensorboard=false", "train.dist_timeout_s=60"]
     return load_config("demo", sets)
@@ -348,8 +348,11 @@ def run(sections=SECTIONS, echo: Callable[[str], None] = print) -> list[Check]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The hsc-doctor command line (the exit-status table ends --help)."""
+    # Imported here: the TRITON_INTERPRET choice above must come before anything imports the engine.
+    from hsc_fast.cli.common import with_exit_codes
     p = argparse.ArgumentParser(prog="hsc-doctor", description=__doc__.split("\n\n")[0],
-                                epilog="exit status: 0 nothing failed, 1 a check failed, 2 bad arguments",
+                                epilog=with_exit_codes(failed="a check failed"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections to run, in this order: {', '.join(SECTIONS)} (default: all)")

@@ -9,12 +9,15 @@ import argparse
 import os
 import sys
 
+from hsc_fast.cli.common import add_progress_flag, with_exit_codes
 from hsc_fast.data.voc import read_id_list
 from hsc_fast.eval.evaluate import _dist_rank_world, evaluate, format_table, write_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The hsc-evaluate command line (the exit-status table ends --help)."""
     p = argparse.ArgumentParser(prog="python -m hsc_fast.cli.evaluate", description=__doc__.split("\n\n")[0],
+                                epilog=with_exit_codes(failed="the evaluation failed"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gt", required=True, help="ground-truth label PNGs (palette or index)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -26,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes (default %(default)s)")
     p.add_argument("--allow-missing", action="store_true",
                    help="missing prediction = all background; missing ground truth = id skipped")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_flag(p)
     return p
 
 
@@ -49,6 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run(argv)
     except HscError as e:
+        # Every HscError here is bad input (a missing or malformed file), met before any output is written.
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -9,17 +9,21 @@ from typing import Sequence
 import argparse
 import sys
 
+from hsc_fast.cli.common import (add_config_args, add_launcher_args, add_progress_flag, check_voc_folder,
+                                 stage_exit_status, with_exit_codes)
 from hsc_fast.config import RunConfig, load_config
 from hsc_fast.data.voc import read_id_list
 from hsc_fast.distributed import init_distributed, shutdown
-from hsc_fast.errors import ConfigError, HscError
+from hsc_fast.errors import ConfigError, HscError, WeightsError
 from hsc_fast.eval.seeds import N_OVERLAYS, SeedJob, run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="CAM inference, threshold sweep, seeds and CRF pseudo-labels.")
-    p.add_argument("--config", help="YAML config or preset (default: RUN_DIR/config.yaml beside the checkpoint)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    """The make_seeds command line (the exit-status table ends --help)."""
+    p = argparse.ArgumentParser(description="CAM inference, threshold sweep, seeds and CRF pseudo-labels.",
+                                epilog=with_exit_codes(failed="a stage failed"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, None, "YAML config or preset (default: RUN_DIR/config.yaml beside the checkpoint)")
     p.add_argument("--checkpoint", help="RUN_DIR (uses RUN_DIR/final/model.pt) or a state_dict .pt")
     p.add_argument("--data", required=True, help="VOC root folder (JPEGImages/) or shards/index.json")
     p.add_argument("--list", help="ids (default: seeds.eval_list, else <data>/ImageSets/Segmentation/train.txt)")
@@ -28,20 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: data.cls_labels, <data>/cls_labels.npy, XML, masks)")
     p.add_argument("--sbd-root", help="SBD folder (img/) for folder data: ids without a VOC JPEG (default: data.sbd_root)")
     p.add_argument("--out", required=True, help="output folder (cam_npy/, seeds/, pseudo_labels/, overlays/)")
-    p.add_argument("--stage", default="all", choices=("cam", "sweep", "crf", "all"))
+    p.add_argument("--stage", default="all", choices=("cam", "sweep", "crf", "all"),
+                   help="cam: CAM files; sweep: threshold sweep + seeds; crf: CRF pseudo-labels; all (default)")
     p.add_argument("--scales", help="comma-separated inference scales (default: seeds.scales)")
     p.add_argument("--no-flip", action="store_true", help="no flipped inputs")
     p.add_argument("--fp16", action="store_true", help="store CAMs as float16")
     p.add_argument("--format", default="npy", choices=("npy", "npz"), help="CAM file format (see module doc)")
     p.add_argument("--bg-threshold", type=float, help="seed threshold (default: seeds.bg_threshold, -1 = best of sweep)")
     p.add_argument("--thresholds", help="sweep A:B:STEP (default: seeds.thresholds)")
-    p.add_argument("--crf-backend", choices=("pydensecrf", "gpu"), help="default: seeds.crf_backend")
+    p.add_argument("--crf-backend", choices=("pydensecrf", "gpu"), help="default: seeds.crf.backend")
     p.add_argument("--uncertain-margin", type=float, default=0.0,
                    help="CRF pixels whose top-2 probabilities differ by less become 255 (default 0: off)")
     p.add_argument("--overlays", type=int, default=N_OVERLAYS, help="inspection pictures written by rank 0")
     p.add_argument("--workers", type=int, default=2, help="loader / evaluation / CRF processes per rank")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--no-progress", action="store_true")
+    add_launcher_args(p, local_rank_default=None)
+    add_progress_flag(p)
     return p
 
 
@@ -56,7 +61,7 @@ def _config_from_args(args) -> RunConfig:
     if args.scales:
         overrides.append(f"seeds.scales=[{args.scales}]")
     for flag, key in ((args.fp16 or None, "seeds.fp16"), (args.bg_threshold, "seeds.bg_threshold"),
-                      (args.thresholds, "seeds.thresholds"), (args.crf_backend, "seeds.crf_backend")):
+                      (args.thresholds, "seeds.thresholds"), (args.crf_backend, "seeds.crf.backend")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
     if args.no_flip:
@@ -88,18 +93,32 @@ def job_from_args(args) -> SeedJob:
                    overlays=args.overlays, progress=not args.no_progress)
 
 
+def check_job(job: SeedJob) -> None:
+    """Pre-flight before any work: the data folder is a VOC root and a given checkpoint exists."""
+    check_voc_folder(job.data)
+    if job.stage in ("cam", "all") and job.checkpoint and not Path(job.checkpoint).exists():
+        raise WeightsError(f"--checkpoint {job.checkpoint}: no such file or folder "
+                           "(expected RUN_DIR, RUN_DIR/final/model.pt or a .pt file)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status: see common.exit_codes_epilog (0 done, 1 a stage failed, 2 bad input)."""
     args = build_parser().parse_args(argv)
-    info = None
     try:
         job = job_from_args(args)
+        check_job(job)
+    except HscError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = None
+    try:
         # Ranks finish stages at different times (CRF): wait up to an hour at the barriers.
         info = init_distributed(timeout_s=max(job.cfg.train.dist_timeout_s, 3600),
                                 local_rank_arg=args.local_rank, use_deepspeed=False)
         run(job, info.device)
     except HscError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        # run() checks its stage arguments (ConfigError, exit 2) before that stage's work.
+        return stage_exit_status(e, "error", 1)
     finally:
         shutdown(info)
     return 0

@@ -9,7 +9,7 @@ import json
 import sys
 import time
 
-from hsc_fast.cli.common import add_dataset_args
+from hsc_fast.cli.common import add_config_args, add_dataset_args, exit_if_rank_lost, with_exit_codes
 from hsc_fast.config import load_config
 from hsc_fast.engine.pipeline import STAGES, dataset_from_args, run_stage, start_context
 from hsc_fast.errors import ConfigError, HscError
@@ -20,19 +20,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch/pipeline.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the whole HSC pipeline (shard, CAM training, seeds, CRF, DeepLab, evaluation, report).",
-        epilog="examples:\n"
+        epilog=with_exit_codes(
+               "examples:\n"
                "  python launch/pipeline.py --demo --run-dir runs/demo\n"
                "  deepspeed --num_gpus 8 launch/pipeline.py --config hsc_eps_official --run-dir runs/hsc \\\n"
                "      --voc-root data/VOC2012 --sbd-root data/SBD --cls-labels data/cls_labels.npy \\\n"
-               "      --saliency-root data/SALImages --set model.weights=weights/ilsvrc-cls_rna-a1_cls1000_ep-0001.params")
+               "      --saliency-root data/SALImages --set model.weights=weights/ilsvrc-cls_rna-a1_cls1000_ep-0001.params",
+               failed="a stage failed", rank_lost=True))
     p.add_argument("--run-dir", required=True, help="one folder for every stage's outputs")
     p.add_argument("--demo", action="store_true",
                    help="generate the synthetic VOC/SBD set into RUN_DIR/synth and use configs/demo.yaml")
     p.add_argument("--synth-train", type=int, default=300, help="--demo: synthetic training images (30%% SBD-only)")
     p.add_argument("--synth-val", type=int, default=60, help="--demo: synthetic validation images")
     p.add_argument("--synth-size", type=int, default=128, help="--demo: synthetic image size in pixels")
-    p.add_argument("--config", default=None, help="YAML config or preset (default: demo with --demo, else hsc_eps_official)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    add_config_args(p, None, "YAML config or preset (default: demo with --demo, else hsc_eps_official)")
     add_dataset_args(p)
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of: {', '.join(STAGES)} (in this order)")
@@ -50,6 +51,7 @@ def selected_stages(text: str, demo: bool, pretrain: bool = False) -> list[str]:
 
 
 def main(argv=None) -> int:
+    """Exit status: see common.exit_codes_epilog (0 done, 1 a stage failed, 2 bad input, 75 lost rank)."""
     args = build_parser().parse_args(argv)
     run_dir = Path(args.run_dir).resolve()
     try:
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
         fill_weights(cfg, run_dir)
         data = dataset_from_args(args, run_dir)
         stages = selected_stages(args.stages, args.demo, cfg.pretrain.enabled)
-    except ConfigError as e:
+    except HscError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from hsc_fast import distributed as D
@@ -71,6 +73,7 @@ def main(argv=None) -> int:
         for stage in stages:
             run_stage(ctx, stage, args.force, stage_seconds)
     except HscError as e:
+        exit_if_rank_lost(e)  # 75, like train_cam: the supervisor can tell a lost peer from a failure
         print(f"[rank {ctx.rank}] pipeline failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -8,13 +8,17 @@ from typing import Sequence
 import argparse
 import sys
 
+from hsc_fast.cli.common import with_exit_codes
 from hsc_fast.data.shard import shard_dataset, verify_shards
 from hsc_fast.errors import HscError
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hsc-shard", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The hsc-shard command line (the exit-status table ends --help)."""
+    p = argparse.ArgumentParser(prog="hsc-shard", description=__doc__.split("\n\n")[0],
+                                epilog=with_exit_codes(failed="--verify found a problem"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--verify", metavar="DIR", help="verify the shards in DIR instead of writing")
     p.add_argument("--voc-root", help="VOC folder (holding JPEGImages/, SegmentationClass/, Annotations/)")
     p.add_argument("--sbd-root", help="SBD folder (holding img/, cls/)")
@@ -29,8 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_parser = build_parser  # the old private name
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    """Exit status: see common.exit_codes_epilog (0 done, 1 --verify found a problem, 2 bad input)."""
+    args = build_parser().parse_args(argv)
     try:
         if args.verify:
             report = verify_shards(args.verify)
@@ -41,13 +49,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0 if report["ok"] else 1
         missing = [f"--{n.replace('_', '-')}" for n in ("voc_root", "list", "out") if not getattr(args, n)]
         if missing:
-            _parser().error(f"missing {', '.join(missing)} (or use --verify DIR)")
+            build_parser().error(f"missing {', '.join(missing)} (or use --verify DIR)")
         index = shard_dataset(args.voc_root, args.list, args.out, sbd_root=args.sbd_root, cls_labels=args.cls_labels,
                               saliency_root=args.saliency_root, shard_size=args.shard_size, workers=args.workers,
                               skip_bad=args.skip_bad, progress=not args.quiet)
         print(f"{args.out}: {len(index['shards'])} shards, {index['count']} samples, {len(index['skipped'])} skipped")
         return 0
     except HscError as e:
+        # The writer checks every sample before it publishes anything: a bad one is bad input.
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -8,19 +8,28 @@ from typing import Sequence
 import argparse
 import sys
 
+from hsc_fast.cli.common import with_exit_codes
 from hsc_fast.data.synth import generate
 from hsc_fast.errors import ConfigError
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hsc_fast.cli.synth", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The hsc-synth command line (the exit-status table ends --help)."""
+    ap = argparse.ArgumentParser(prog="python -m hsc_fast.cli.synth", description=__doc__.split("\n\n")[0],
+                                 epilog=with_exit_codes(failed="writing the dataset failed"),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (created; files are overwritten)")
     ap.add_argument("--n-train", type=int, required=True, help="train_aug images")
     ap.add_argument("--n-val", type=int, required=True, help="val images")
     ap.add_argument("--seed", type=int, default=0, help="generation seed")
     ap.add_argument("--size", type=int, default=256, help="image side in pixels")
     ap.add_argument("--sbd-fraction", type=float, default=0.3, help="share of train ids stored only in SBD/")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status: see common.exit_codes_epilog (0 written, 2 bad sizes or counts)."""
+    args = build_parser().parse_args(argv)
     try:
         s = generate(args.out, args.n_train, args.n_val, args.seed, args.size, args.sbd_fraction)
     except ConfigError as e:

@@ -7,7 +7,8 @@ from typing import Optional
 import json
 
 from hsc_fast import distributed as D
-from hsc_fast.cli.common import parse_stage_args, stage_exit_status
+from hsc_fast.cli.common import (add_config_args, add_launcher_args, add_progress_flag, check_voc_folder,
+                                 parse_stage_args, stage_exit_status, with_exit_codes)
 from hsc_fast.config import RunConfig
 from hsc_fast.engine.deeplab_trainer import check_deeplab_config, deeplab_ds_config, evaluate_deeplab, train_deeplab
 from hsc_fast.errors import ConfigError
@@ -23,16 +24,18 @@ launch modes:
 inputs: --images is a VOC root (JPEGImages/, then --sbd-root img/) or a shard index.json;
 --labels a folder of {id}.png pseudo-labels (or VOC SegmentationClass for a ground-truth run).
 outputs: RUN_DIR/{config.yaml, env.json, metrics.csv, tb/, logs/, checkpoints/, final/model.pt,
-pred/, pred_crf/, eval.json, eval_crf.json}.
-exit status: 0 done, 1 training/data error, 2 bad config/arguments, 75 a peer rank was lost."""
+pred/, pred_crf/, eval.json, eval_crf.json}."""
 
 
-def build_arg_parser():
+def build_parser():
+    """The train_deeplab command line (see CLI_EPILOG and the exit-status table in --help)."""
     import argparse
     p = argparse.ArgumentParser(prog="train_deeplab.py", description="Train and evaluate DeepLab (the last HSC stage).",
-                                epilog=CLI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="deeplab", help="YAML config or preset name (default: deeplab)")
-    p.add_argument("--run-dir", default="", help="run folder")
+                                epilog=with_exit_codes(CLI_EPILOG, failed="training or evaluation failed",
+                                                       rank_lost=True),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, "deeplab", "YAML config or preset name (default: deeplab)", list_keys=True)
+    p.add_argument("--run-dir", default="", help="run folder (required unless --list-keys)")
     p.add_argument("--images", default=None,
                    help="VOC root or shard index.json (default: data.train of the config)")
     p.add_argument("--sbd-root", default=None, help="SBD root for images missing in VOC (sets data.sbd_root)")
@@ -51,13 +54,12 @@ def build_arg_parser():
     p.add_argument("--resume", default="auto", help="'auto' (default), 'none', a run dir or a checkpoint folder")
     p.add_argument("--seed", type=int, default=None, help="sets train.seed")
     p.add_argument("--deterministic", action="store_true", help="sets train.deterministic")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
-    p.add_argument("--list-keys", action="store_true", help="print every config key")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--deepspeed_config", default=None, help="DeepSpeed engine JSON (sets train.ds_config)")
-    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_progress_flag(p)
+    add_launcher_args(p, deepspeed=True)
     return p
+
+
+build_arg_parser = build_parser  # the name before 0.2, kept for callers outside the package
 
 
 def config_from_args(args) -> RunConfig:
@@ -99,8 +101,9 @@ def _default_gt(images: str) -> str:
 
 
 def main(argv: Optional[list] = None) -> int:
+    """Exit status: see common.exit_codes_epilog (0 done, 1 a failure, 2 bad input, 75 lost rank)."""
     from hsc_fast.errors import HscError
-    parser = build_arg_parser()
+    parser = build_parser()
     args = parse_stage_args(parser, argv)
     if args is None:
         return 0
@@ -111,12 +114,13 @@ def main(argv: Optional[list] = None) -> int:
         images = cfg.data.train
         if not images:
             raise ConfigError("--images (or data.train): a VOC root or a shard index.json is required")
+        check_voc_folder(images)  # a folder without JPEGImages/ is bad input (2), not a failed run
         if not args.eval_only and not args.labels:
             raise ConfigError("--labels: the folder of training label PNGs is required (unless --eval-only)")
         train_ids = [] if args.eval_only else _ids(args.train_list, images, "train_aug.txt", "--train-list")
         eval_ids = [] if args.no_eval else _ids(args.eval_list, images, "val.txt", "--eval-list")
         gt_dir = "" if args.no_eval else (args.gt or _default_gt(images))
-        crf = cfg.deeplab.test_crf if args.crf is None else args.crf
+        crf = cfg.deeplab.crf.enabled if args.crf is None else args.crf
         deeplab_ds_config(cfg, 1)  # a bad DeepSpeed JSON fails before any process group work
     except HscError as e:
         return stage_exit_status(e, "error", 2)

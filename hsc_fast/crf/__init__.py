@@ -16,7 +16,7 @@ Unaries follow pydensecrf.utils: ``crf_inference`` takes probabilities and uses
 
 Presets (``CrfParams``): ``INFERENCE`` (seeds -> pseudo-labels, SEAM/PSA/HSC README),
 ``DEEPLAB_TEST`` (DeepLab test-time CRF), ``TRAIN`` (HSC's 16x16 training CRF; its batched backends,
-``loss.train_crf_backend``, are in hsc_fast.crf.train).
+``loss.crf.backend``, are in hsc_fast.crf.train).
 
 This module imports torch only inside the ``gpu`` backend, so pool workers start light.
 """
@@ -55,7 +55,7 @@ class CrfBackend:
 
 
 def register_backend(name: str, fn: Backend, *, batched: bool) -> CrfBackend:
-    """Make ``fn`` selectable as ``backend=name`` (``seeds.crf_backend``, ``deeplab.crf_backend``)."""
+    """Make ``fn`` selectable as ``backend=name`` (``seeds.crf.backend``, ``deeplab.crf.backend``)."""
     return CRF_BACKENDS.register(name, CrfBackend(name, fn, batched))
 
 

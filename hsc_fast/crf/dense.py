@@ -13,7 +13,7 @@ features (x/sxy, y/sxy) and (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb); pydensecrf f
 permutohedral approximation of them instead, so labels differ on a few ambiguous pixels: measured
 agreement with pydensecrf at the training parameters is 99.05% of pixels on 120 noisy-label 16x16
 crops of the real fixture photos, 98.8% on blocky synthetic images, 100% on pure noise
-(tests/crf/test_dense.py asserts >= 98%). This is ``loss.train_crf_backend: dense``; the default
+(tests/crf/test_dense.py asserts >= 98%). This is ``loss.crf.backend: dense``; the default
 ``lattice`` (hsc_fast.crf.lattice.lattice_crf_labels) is also batched and gives pydensecrf's labels
 on 100% of pixels at 16x16.
 """

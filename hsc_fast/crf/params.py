@@ -1,7 +1,8 @@
 """CRF parameters: one validated dataclass and the authors' three parameter sets.
 
 ``INFERENCE``: seeds -> pseudo-labels (SEAM/PSA/HSC README); ``DEEPLAB_TEST``: DeepLab's test-time
-CRF; ``TRAIN``: HSC's 16x16 in-training CRF (with gt_prob 0.7 label unaries).
+CRF; ``TRAIN``: HSC's 16x16 in-training CRF (with gt_prob 0.7 label unaries). Config sections
+``seeds.crf``, ``deeplab.crf`` and ``loss.crf`` default to them (``preset`` selects another).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from hsc_fast.config import CRF_PRESETS
 from hsc_fast.errors import ConfigError
 
 
@@ -43,6 +45,7 @@ class CrfParams:
         return asdict(self)
 
 
-INFERENCE = CrfParams(gauss_sxy=3, gauss_compat=3, bi_sxy=80, bi_srgb=13, bi_compat=10, iters=8)
-DEEPLAB_TEST = CrfParams(gauss_sxy=1, gauss_compat=3, bi_sxy=67, bi_srgb=3, bi_compat=4, iters=10)
-TRAIN = CrfParams(gauss_sxy=3, gauss_compat=3, bi_sxy=50, bi_srgb=5, bi_compat=10, iters=10)
+# The numbers live in one place, hsc_fast.config.CRF_PRESETS (the config sections' defaults too).
+INFERENCE = CrfParams(**CRF_PRESETS["inference"])
+DEEPLAB_TEST = CrfParams(**CRF_PRESETS["deeplab_test"])
+TRAIN = CrfParams(**CRF_PRESETS["train"])

@@ -1,4 +1,4 @@
-"""The in-training CRF of HSC and its three backends (config key ``loss.train_crf_backend``).
+"""The in-training CRF of HSC and its three backends (config key ``loss.crf.backend``).
 
 Every step the authors refine the 16x16 pseudo-labels of both views with ``crf_inference_label``
 (pydensecrf, one image at a time on the CPU): unary ``unary_from_labels(labels, 21, gt_prob=0.7,
@@ -62,7 +62,7 @@ def _dense(images_uint8, labels, **params):
 
 def register_train_backend(name: str, fn: Callable[..., torch.Tensor], *, batched: bool) -> Callable:
     """Make ``fn(images_uint8 (N,3,H,W), labels (N,H,W), **params) -> labels`` selectable as
-    ``loss.train_crf_backend: name``; ``batched``: the whole batch in one call on its device."""
+    ``loss.crf.backend: name``; ``batched``: the whole batch in one call on its device."""
     fn.batched = batched
     return TRAIN_CRF_BACKENDS.register(name, fn)
 
@@ -73,7 +73,7 @@ register_train_backend("pydensecrf", pydensecrf_crf_labels, batched=False)
 
 
 def train_crf_fn(backend: str = "lattice") -> Callable[..., torch.Tensor]:
-    """The training-CRF function of ``loss.train_crf_backend`` (float32: autocast disabled inside)."""
+    """The training-CRF function of ``loss.crf.backend`` (float32: autocast disabled inside)."""
     fn = TRAIN_CRF_BACKENDS.get(backend)
 
     def refine(images_uint8: torch.Tensor, labels: torch.Tensor, **params) -> torch.Tensor:

@@ -15,15 +15,20 @@ Stage markers make every variant resumable; a variant with a result.json is skip
 Table 4 rows. The paper's text (Sec. 4.3) fixes what its garbled check-mark table means: PSC,
 CSC and RSC are added "based on cross supervision" (55.4 -> 59.3 -> 60.5 -> 62.6); removing
 cross supervision gives 60.7; momentum prototypes then give 63.5 and the CRF-refined
-pseudo-labels 64.2 / 64.3. Our `loss.train_crf` refines the labels of PSC and RSC together
+pseudo-labels 64.2 / 64.3. Our `loss.crf.enabled` refines the labels of PSC and RSC together
 (CSC reads CAM scores, no labels), so the paper's CRF-dagger and CRF columns are one switch and
 its last two rows are our `hsc_seam`. The row "full HSC (SEAM), paper formulation" is `hsc_seam`
 with `loss.formulation: paper` (the paper's equations instead of the authors' code; README "Two
 formulations"); it has no published number.
+
+The rows are read from the method registry: every method declares its own (``Method.ablation``,
+``AblationRow`` in hsc_fast/losses/methods/: the Table 4 rows live in methods/hsc.py), so a new
+method's file brings its ablation rows with it.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -37,13 +42,14 @@ from hsc_fast.config import RunConfig, apply_overrides, from_dict, load_config, 
 from hsc_fast.errors import ConfigError, HscError
 
 TOGGLES = ("use_psc", "use_csc", "use_rsc", "cross_supervision", "momentum_prototypes", "train_crf")
+TOGGLE_KEYS = {k: f"loss.{k}" for k in TOGGLES} | {"train_crf": "loss.crf.enabled"}  # switch -> config key
 TOGGLE_NAMES = {"use_psc": "PSC", "use_csc": "CSC", "use_rsc": "RSC", "cross_supervision": "CS",
                 "momentum_prototypes": "MPL", "train_crf": "CRF"}
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One ablation row: a loss method and the HSC switches (LossConfig field names)."""
+    """One ablation row: a loss method and the HSC switches (TOGGLES; TOGGLE_KEYS gives their config keys)."""
     name: str
     title: str
     method: str
@@ -63,41 +69,56 @@ class Variant:
 
     def overrides(self) -> list[str]:
         """`--set` strings that turn the shared config into this variant."""
-        return ([f"loss.method={self.method}"] + [f"loss.{k}={str(v).lower()}" for k, v in self.toggles().items()] +
+        return ([f"loss.method={self.method}"] + [f"{TOGGLE_KEYS[k]}={str(v).lower()}" for k, v in self.toggles().items()] +
                 [f"loss.formulation={self.formulation}"] + list(self.extra))
 
 
-_CS = dict(cross_supervision=True)
-VARIANTS: tuple = (
-    Variant("seam", "SEAM baseline", "seam", "seam", paper_seed=55.4),
-    Variant("seam_psc", "+PSC", "hsc_seam", "seam", use_psc=True, **_CS, paper_seed=59.3),
-    Variant("seam_psc_csc", "+PSC +CSC", "hsc_seam", "seam", use_psc=True, use_csc=True, **_CS, paper_seed=60.5),
-    Variant("seam_psc_csc_rsc", "+PSC +CSC +RSC", "hsc_seam", "seam", use_psc=True, use_csc=True,
-            use_rsc=True, **_CS, paper_seed=62.6),
-    Variant("hsc_seam", "full HSC (SEAM)", "hsc_seam", "seam", use_psc=True, use_csc=True, use_rsc=True,
-            cross_supervision=True, momentum_prototypes=True, train_crf=True, paper_seed=64.3),
-    # The paper's eq. 3-13 at the shared values; k_c becomes a per-image count (eq. 6), so it is
-    # rescaled to the paper's share of an image: 16 of 16x16 -> 4 of the demo's 8x8.
-    Variant("hsc_seam_paper", "full HSC (SEAM), paper formulation", "hsc_seam", "seam", use_psc=True,
-            use_csc=True, use_rsc=True, cross_supervision=True, momentum_prototypes=True, train_crf=True,
-            formulation="paper", extra=("loss.csc_topk=4",)),
-    Variant("eps", "EPS baseline", "eps", "eps", paper_seed=69.2),
-    Variant("hsc_eps", "full HSC (EPS)", "hsc_eps", "eps", use_psc=True, use_csc=True, use_rsc=True,
-            cross_supervision=True, momentum_prototypes=True, train_crf=True, paper_seed=71.8),
-)
-VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
+def _variant(method, row) -> Variant:
+    """A registered method's AblationRow as a Variant (the switches it names on, the others off)."""
+    unknown = sorted(set(row.switches) - set(TOGGLES))
+    if unknown:
+        raise ConfigError(f"method {method.name!r}: ablation row {row.name!r} names unknown switch(es) "
+                          f"{', '.join(unknown)} (known: {', '.join(TOGGLES)})")
+    return Variant(row.name, row.title, method.name, method.baseline or method.name, paper_seed=row.paper_seed,
+                   formulation=row.formulation, extra=tuple(row.extra), **{k: True for k in row.switches})
+
+
+@functools.lru_cache(maxsize=None)
+def variants() -> tuple:
+    """Every ablation row the registered methods declare (``Method.ablation``), grouped by the
+    baseline they are compared with (groups in order of first mention; a group's own baseline
+    row first, then the rows of the methods extending it, in registration order)."""
+    from hsc_fast.losses.methods import get_method
+    from hsc_fast.registry import METHODS
+    groups: dict[str, list] = {}
+    for name in METHODS:
+        method = get_method(name)
+        for row in method.ablation:
+            groups.setdefault(method.baseline or method.name, []).append((method.name, _variant(method, row)))
+    rows = [v for base, group in groups.items() for _, v in sorted(group, key=lambda mv: mv[0] != base)]
+    names = [v.name for v in rows]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"ablation rows: a name is declared twice ({', '.join(names)})")
+    return tuple(rows)
+
+
+def variant_by_name() -> dict:
+    return {v.name: v for v in variants()}
+
+
 GOAL_MIOU_GAIN = 3.0  # issue #9: full HSC >= SEAM baseline + 3 seed mIoU
 
 
 def select_variants(text: str) -> list[Variant]:
     """'seam,hsc_seam' -> those variants in table order; '' or 'all' -> every variant."""
     if text.strip() in ("", "all"):
-        return list(VARIANTS)
+        return list(variants())
     wanted = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in VARIANT_BY_NAME]
+    known = variant_by_name()
+    unknown = [s for s in wanted if s not in known]
     if unknown:
-        raise ConfigError(f"--variants: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANT_BY_NAME)}")
-    return [v for v in VARIANTS if v.name in wanted]
+        raise ConfigError(f"--variants: unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return [v for v in variants() if v.name in wanted]
 
 
 def variant_config(base: RunConfig, variant: Variant) -> RunConfig:
@@ -168,7 +189,7 @@ def completed_results(run_dir: Path, base_cfg: RunConfig, fresh: Sequence[dict])
     in table order, so that running subsets one after another builds up one table."""
     by_name = {r["variant"]: r for r in fresh}
     out = []
-    for v in VARIANTS:
+    for v in variants():
         if v.name not in by_name:
             try:
                 by_name[v.name] = load_result(run_dir, v, config_digest(variant_config(base_cfg, v)))

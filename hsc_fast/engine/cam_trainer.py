@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -38,10 +36,10 @@ import torch
 
 from hsc_fast import distributed as D
 from hsc_fast.config import RunConfig
-from hsc_fast.errors import ConfigError
+from hsc_fast.errors import ConfigError, DataError
 from hsc_fast.losses.methods import get_method
 from hsc_fast.engine.deepspeed import build_ds_config
-from hsc_fast.engine.loop import EpochStream, StepLoop
+from hsc_fast.engine.loop import EpochStream, StepLoop, StepResult
 from hsc_fast.engine.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -102,12 +100,20 @@ def check_inputs(cfg: RunConfig) -> None:
         if not Path(source).is_dir():
             raise ConfigError(f"config key 'data.train': '{source}' does not exist (expected a shard index.json, "
                               "a folder holding one, a brace URL of .tar shards or a VOC root folder)")
+        from hsc_fast.data import find_voc_root
+        try:
+            find_voc_root(source)  # JPEGImages/ in it or in VOC2012/ below it
+        except DataError as e:
+            raise ConfigError(f"config key 'data.train': {e}") from e
         for key in ("train_list", "sbd_root", "cls_labels", "saliency_root"):  # used by folder sources only
             value = getattr(cfg.data, key)
             if value and not Path(value).exists():
                 raise ConfigError(f"config key 'data.{key}': '{value}' does not exist")
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise ConfigError(f"config key 'model.weights': file '{cfg.model.weights}' does not exist")
+    if not cfg.model.weights and not cfg.model.allow_random_init:
+        raise ConfigError("config key 'model.weights' is empty: give ImageNet weights (mxnet .params or a .pth "
+                          "state dict) or set model.allow_random_init=true to train from random init")
 
 
 def check_resume_world_size(resume_from: Optional[Path], world_size: int) -> None:
@@ -129,37 +135,6 @@ def autocast_device(cfg: RunConfig, device: torch.device) -> Optional[str]:
     if device.type == "cpu" and cfg.train.cpu_bf16_autocast:
         return "cpu"
     return None
-
-
-def nan_fault_steps(rank: int) -> set[int]:
-    """HSC_FAULT_NAN_STEPS="3,4" (+ optional HSC_FAULT_NAN_RANK) -> steps whose loss becomes NaN."""
-    text = os.environ.get("HSC_FAULT_NAN_STEPS", "").strip()
-    only_rank = os.environ.get("HSC_FAULT_NAN_RANK", "").strip()
-    if not text or (only_rank and int(only_rank) != rank):
-        return set()
-    return {int(s) for s in text.replace(" ", "").split(",") if s}
-
-
-# ----------------------------------------------------------------------------------------------
-# State
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class TrainState:
-    step: int = 0                   # optimiser steps done
-    epoch: int = 0                  # data epoch of the next batch
-    batches_in_epoch: int = 0       # batches of that epoch already consumed by this rank
-    nonfinite_total: int = 0
-    nonfinite_in_a_row: int = 0
-    skipped_samples: int = 0        # bad samples skipped by the loader (all ranks, cumulative)
-
-
-@dataclass
-class StepResult:
-    terms: dict                     # loss terms (mean over micro-steps, this rank)
-    nonfinite: bool                 # the step was skipped on every rank
-    nonfinite_terms: list = field(default_factory=list)
-    images: int = 0
-    lr: float = 0.0                 # learning rate of the first group used by this step
 
 
 class DataStream(EpochStream):
@@ -223,20 +198,6 @@ def cam_picture(img: torch.Tensor, cam: torch.Tensor, label: torch.Tensor, mean,
     return overlay_cam(image, heat)
 
 
-def nonfinite_terms(terms: dict, loss: torch.Tensor) -> list[str]:
-    """The names of the non-finite terms when ``loss`` is not finite (["total"] if none is), else []."""
-    if bool(torch.isfinite(loss.detach()).all()):
-        return []
-    return [k for k, v in terms.items() if not bool(torch.isfinite(torch.as_tensor(v)).all())] or ["total"]
-
-
-def restore_buffers(module: torch.nn.Module, saved: list) -> None:
-    """Put back the buffers (BatchNorm running stats) of a skipped step."""
-    with torch.no_grad():
-        for b, old in zip(module.buffers(), saved):
-            b.copy_(old)
-
-
 class Trainer(StepLoop):
     """Builds model, optimizer, schedule, DeepSpeed engine and banks; runs and checkpoints steps."""
 
@@ -254,8 +215,6 @@ class Trainer(StepLoop):
         self.banks = PrototypeBanks(seed=cfg.train.seed, rsc_dim=cfg.model.rsc_dim,
                                     psc_dim=cfg.model.psc_dim).to(self.device)
         self.dist_ctx = DistContext() if info.world_size > 1 else None
-        self.state = TrainState()
-        self.nan_steps = nan_fault_steps(info.rank)
         self.autocast_device = autocast_device(cfg, self.device)
         self._kernel_reports_seen = 0  # kernel self-check verdicts already written to env.json
         self._last_visual: Optional[tuple] = None
@@ -290,50 +249,28 @@ class Trainer(StepLoop):
         with amp:
             out1 = self.engine(img1)
             out2 = self.engine(batch["img2"])
-            # The in-training CRF runs inside (loss.train_crf, loss.train_crf_backend: hsc_fast.crf.train).
+            # The in-training CRF runs inside (loss.crf.enabled, loss.crf.backend: hsc_fast.crf.train).
             terms, new_banks = method_losses(out1, out2, batch, banks, self.cfg.loss, dist_ctx=self.dist_ctx,
                                              img_mean=tuple(self.cfg.data.mean), img_std=tuple(self.cfg.data.std))
         return terms, new_banks, out1
 
-    def train_step(self, micro_batches: list[dict]) -> StepResult:
-        """One optimiser step over `gas` micro-batches (collective: every rank calls it)."""
-        if len(micro_batches) != self.gas:
-            raise ValueError(f"train_step: expected {self.gas} micro-batches, got {len(micro_batches)}")
-        step_no = self.state.step + 1
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        pending = {k: v.clone() for k, v in self.banks.as_dict().items()}
-        # Trainable BatchNorms update running stats in forward: undo them if the step is skipped.
-        saved_buffers = None if self.cfg.model.frozen_bn else [b.detach().clone() for b in self.module.buffers()]
-        sums: dict[str, float] = {}
-        nonfinite, bad_terms, images = False, [], 0
-        for i, raw in enumerate(micro_batches):
-            batch = self._to_device(raw)
-            terms, new_banks, out1 = self.forward_losses(batch, pending)
-            loss = terms["total"] * float("nan") if step_no in self.nan_steps else terms["total"]
-            bad_now = nonfinite_terms(terms, loss)
-            bad_terms += bad_now
-            any_bad = D.all_reduce_max_flag(bool(bad_now), self.device)
-            self.engine.backward(loss)
-            if any_bad:
-                nonfinite = True
-            else:
-                pending = new_banks
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(torch.as_tensor(v).detach().float())
-            sums["total"] = sums.get("total", 0.0) - float(terms["total"].detach().float()) + float(loss.detach().float())
-            images += int(batch["img"].shape[0])
-            if i == self.gas - 1:
-                self.optimizer.skip_next = nonfinite
-                if self._wants_picture(step_no):
-                    self._last_visual = (batch["img"][0].detach(), out1["cam"][0].detach().float(),
-                                         batch["label"][0].detach())
-            self.engine.step()
+    def _begin_step(self) -> None:
+        self._pending = {k: v.clone() for k, v in self.banks.as_dict().items()}
+
+    def micro_losses(self, raw: dict, step_no: int, last: bool) -> tuple[dict, int]:
+        batch = self._to_device(raw)
+        terms, self._new_banks, out1 = self.forward_losses(batch, self._pending)
+        if last and self._wants_picture(step_no):
+            self._last_visual = (batch["img"][0].detach(), out1["cam"][0].detach().float(), batch["label"][0].detach())
+        return terms, int(batch["img"].shape[0])
+
+    def _micro_done(self, any_bad: bool) -> None:
+        if not any_bad:  # the banks follow the finite micro-steps only
+            self._pending = self._new_banks
+
+    def _end_step(self, nonfinite: bool) -> None:
         if not nonfinite:
-            self.banks.update_(pending)
-        elif saved_buffers is not None:
-            restore_buffers(self.module, saved_buffers)
-        return StepResult(terms={k: v / self.gas for k, v in sums.items()}, nonfinite=nonfinite,
-                          nonfinite_terms=sorted(set(bad_terms)), images=images, lr=lr)
+            self.banks.update_(self._pending)
 
     def _wants_picture(self, step_no: int) -> bool:
         every = self.cfg.train.image_every

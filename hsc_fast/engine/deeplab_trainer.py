@@ -13,8 +13,8 @@ augmentation depends on (seed, epoch, index) only, so a resumed run continues bi
 metrics.csv, tb/, logs/, atomic checkpoints/step_N (`--resume auto`), final/model.pt.
 
 Evaluation (`evaluate_deeplab`): rank r predicts ids[r::world] -- multi-scale (`deeplab.test_scales`)
-+ flip softmax, argmax -> RUN_DIR/pred/{id}.png (VOC palette); with `crf` the DEEPLAB_TEST dense CRF
-on the same probabilities -> RUN_DIR/pred_crf/; then `hsc_fast.eval.evaluate` (confusions all-reduced)
++ flip softmax, argmax -> RUN_DIR/pred/{id}.png (VOC palette); with `crf` the dense CRF of `deeplab.crf`
+(default the DEEPLAB_TEST preset) on the same probabilities -> RUN_DIR/pred_crf/; then `hsc_fast.eval.evaluate` (confusions all-reduced)
 -> RUN_DIR/eval.json (+ eval_crf.json).
 
 Both functions join a process group the caller already made (and leave it alone) or make and
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -37,7 +36,7 @@ from hsc_fast import checkpoint as ckpt
 from hsc_fast import distributed as D
 from hsc_fast import io
 from hsc_fast.config import OptimConfig, RunConfig
-from hsc_fast.engine.loop import EpochStream, StepLoop
+from hsc_fast.engine.loop import EpochStream, StepLoop, StepResult
 from hsc_fast.engine.deepspeed import build_ds_config
 from hsc_fast.engine.session import training_session
 from hsc_fast.errors import ConfigError, DataError, TrainingError, WeightsError
@@ -62,8 +61,8 @@ def check_deeplab_config(cfg: RunConfig) -> None:
     if not dl.test_scales or not all(isinstance(v, (int, float)) and v > 0 for v in dl.test_scales):
         raise ConfigError(f"config key 'deeplab.test_scales': expected positive numbers, got {dl.test_scales}")
     from hsc_fast.crf import available_backends
-    if dl.crf_backend not in available_backends():
-        raise ConfigError(f"config key 'deeplab.crf_backend': {dl.crf_backend!r} is not one of "
+    if dl.crf.backend not in available_backends():
+        raise ConfigError(f"config key 'deeplab.crf.backend': {dl.crf.backend!r} is not one of "
                           f"{', '.join(available_backends())}")
     if cfg.train.keep_last <= 0 or cfg.train.max_nonfinite <= 0 or cfg.train.dist_timeout_s <= 0:
         raise ConfigError("config keys 'train.keep_last', 'train.max_nonfinite', 'train.dist_timeout_s': "
@@ -134,15 +133,6 @@ def build_train_set(cfg: RunConfig, images: str, labels_dir: str, train_ids: Seq
 
 
 # ---------------------------------------------------------------------------------- trainer
-@dataclass
-class DeeplabState:
-    step: int = 0                   # optimiser steps done
-    epoch: int = 0                  # data epoch of the next batch
-    batches_in_epoch: int = 0       # batches of that epoch this rank consumed
-    nonfinite_total: int = 0
-    nonfinite_in_a_row: int = 0
-
-
 class DeeplabTrainer(StepLoop):
     """DeepLab + SGD + poly schedule in a DeepSpeed engine; steps, checkpoints, metrics."""
 
@@ -158,7 +148,6 @@ class DeeplabTrainer(StepLoop):
         model.to(self.device).train()       # train() freezes the backbone BatchNorm first
         self._wrap_engine(model, deeplab_optim_config(cfg))
         self.autocast = bool(cfg.train.bf16_autocast and self.device.type == "cuda" and not self.engine_bf16)
-        self.state = DeeplabState()
         self._seed_rank_streams()  # v3 dropout
 
     # -- one optimiser step ----------------------------------------------------------------------
@@ -175,22 +164,9 @@ class DeeplabTrainer(StepLoop):
             logits = self.engine(img)
         return pixel_cross_entropy(logits, label)
 
-    def train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimiser step over `gas` micro-batches (collective). A non-finite loss on any rank
-        skips the update everywhere (parameters and momentum untouched)."""
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        total, nonfinite, images = 0.0, False, 0
-        for i, batch in enumerate(micro_batches):
-            loss = self.batch_loss(batch)
-            local_bad = not bool(torch.isfinite(loss.detach()))
-            nonfinite = D.all_reduce_max_flag(local_bad, self.device) or nonfinite
-            self.engine.backward(loss)
-            total += float(loss.detach())
-            images += int(batch["img"].shape[0])
-            if i == len(micro_batches) - 1:
-                self.optimizer.skip_next = nonfinite
-            self.engine.step()
-        return {"loss": total / len(micro_batches), "nonfinite": nonfinite, "images": images, "lr": lr}
+    def micro_losses(self, raw: dict, step_no: int, last: bool) -> tuple[dict, int]:
+        """The pixel cross-entropy of one micro-batch (StepLoop.train_step: the non-finite guard)."""
+        return {"total": self.batch_loss(raw)}, int(raw["img"].shape[0])
 
     # -- checkpoints (StepLoop.save / load) -------------------------------------------------------
     def _checkpoint_extra(self) -> dict:
@@ -212,7 +188,7 @@ class DeeplabTrainer(StepLoop):
                            self.cfg.train.seed, self.cfg.data.workers, self.device.type == "cuda",
                            self.state.epoch, self.state.batches_in_epoch)
 
-    def _nonfinite_message(self, result: dict, path: Path) -> str:
+    def _nonfinite_message(self, result: StepResult, path: Path) -> str:
         return (f"DeepLab loss was non-finite for {self.state.nonfinite_in_a_row} steps in a row (up to step "
                 f"{self.state.step}); train.max_nonfinite={self.cfg.train.max_nonfinite}. The weights of the "
                 f"last finite step are saved in {path}")
@@ -223,15 +199,15 @@ class DeeplabTrainer(StepLoop):
         return {"step": self.state.step, "nonfinite_total": self.state.nonfinite_total,
                 "final_model": str(final) if final else str(self.run_dir / "final" / "model.pt")}
 
-    def _record(self, result: dict, stream: BatchStream, seconds: float, heartbeat) -> None:
+    def _record(self, result: StepResult, stream: BatchStream, seconds: float, heartbeat) -> None:
         st = self.state
-        self._count_nonfinite(result["nonfinite"], "DeepLab loss")
+        self._count_nonfinite(result.nonfinite, "DeepLab loss")
         world = self.info.world_size
         glob = self._guarded(lambda: D.all_reduce_mean(
-            {"loss": result["loss"], "_images": float(result["images"]) * world}, self.device), heartbeat)
+            {"loss": result.terms["total"], "_images": float(result.images) * world}, self.device), heartbeat)
         if self.log is None:
             return
-        row = {"step": st.step, "epoch": st.epoch, "lr": result["lr"], "loss": glob["loss"]}
+        row = {"step": st.step, "epoch": st.epoch, "lr": result.lr, "loss": glob["loss"]}
         self._log_step(row, glob["_images"], 0, seconds)
 
 
@@ -304,11 +280,13 @@ def _bar(total: int, desc: str, enabled: bool):
 
 def predict_to_pngs(model: torch.nn.Module, read_image: Callable[[str], np.ndarray], ids: Sequence[str],
                     out_dir, *, scales: Sequence[float], flip: bool = True, device="cpu",
-                    crf_dir=None, crf_backend: str = "pydensecrf", crf_workers: int = 1,
-                    progress: bool = False) -> int:
+                    crf_dir=None, crf_backend: str = "pydensecrf", crf_params: Optional[dict] = None,
+                    crf_workers: int = 1, progress: bool = False) -> int:
     """Predict `ids` (all of them: split ids before calling) into palette PNGs in `out_dir`; with
-    `crf_dir` also the DEEPLAB_TEST dense-CRF labels there. Returns the number of images."""
-    from hsc_fast.crf import DEEPLAB_TEST, crf_imap
+    `crf_dir` also the dense-CRF labels there (`crf_params`: deeplab.crf.params(), default the
+    DEEPLAB_TEST preset). Returns the number of images."""
+    from hsc_fast.crf import DEEPLAB_TEST, CrfParams, crf_imap
+    crf_kwargs = CrfParams(**crf_params).kwargs() if crf_params is not None else DEEPLAB_TEST.kwargs()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = _bar(len(ids), "predict", progress)
@@ -336,7 +314,7 @@ def predict_to_pngs(model: torch.nn.Module, read_image: Callable[[str], np.ndarr
                 yield img, probs
 
         for q in crf_imap(pairs(), workers=max(1, crf_workers), backend=crf_backend, return_labels=True,
-                          **DEEPLAB_TEST.kwargs()):
+                          **crf_kwargs):
             _write_png_atomic(crf_dir / f"{keys[n]}.png", q.astype(np.uint8))
             n += 1
     bar.close()
@@ -363,8 +341,8 @@ def evaluate_deeplab(cfg: RunConfig, run_dir, *, images: str, gt_dir: str, eval_
         pred_dir, crf_dir = run_dir / PRED_DIR, (run_dir / PRED_CRF_DIR if crf else None)
         mine = list(eval_ids)[info.rank::info.world_size]
         predict_to_pngs(model, reader, mine, pred_dir, scales=cfg.deeplab.test_scales, flip=cfg.deeplab.test_flip,
-                        device=info.device, crf_dir=crf_dir, crf_backend=cfg.deeplab.crf_backend,
-                        crf_workers=max(1, cfg.data.workers), progress=progress and info.is_main)
+                        device=info.device, crf_dir=crf_dir, crf_backend=cfg.deeplab.crf.backend,
+                        crf_params=cfg.deeplab.crf.params(), crf_workers=max(1, cfg.data.workers), progress=progress and info.is_main)
         D.barrier()  # every prediction is on disk before anyone scores
         results = {"plain": evaluate(gt_dir, pred_dir=pred_dir, ids=list(eval_ids)), "crf": None}
         if crf:

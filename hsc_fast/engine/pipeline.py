@@ -188,7 +188,7 @@ def stage_deeplab(ctx: Context) -> dict:
 def stage_deeplab_eval(ctx: Context) -> dict:
     from hsc_fast.engine.deeplab_trainer import evaluate_deeplab
     results = evaluate_deeplab(ctx.cfg, ctx.path("deeplab"), images=ctx.data.voc_root, gt_dir=str(ctx.data.gt_dir),
-                               eval_ids=ctx.ids("val"), crf=ctx.cfg.deeplab.test_crf, progress=ctx.progress)
+                               eval_ids=ctx.ids("val"), crf=ctx.cfg.deeplab.crf.enabled, progress=ctx.progress)
     plain, with_crf = results["plain"], results.get("crf")
     split = f"{ctx.data.name} {ctx.data.list_path('val').stem} ({plain['n_images']} images)"
     ctx.summary.update(deeplab_miou=plain["miou"], deeplab_split=split)

@@ -223,9 +223,7 @@ class PseudoLabelParams:
 
     @classmethod
     def from_config(cls, cfg: SeedConfig, uncertain_margin: float = 0.0) -> "PseudoLabelParams":
-        crf = CrfParams(gauss_sxy=cfg.crf_gauss_sxy, gauss_compat=cfg.crf_gauss_compat, bi_sxy=cfg.crf_bi_sxy,
-                        bi_srgb=cfg.crf_bi_srgb, bi_compat=cfg.crf_bi_compat, iters=cfg.crf_iters)
-        return cls(cfg.crf_alpha, crf, cfg.crf_backend, uncertain_margin)
+        return cls(cfg.crf.alpha, CrfParams(**cfg.crf.params()), cfg.crf.backend, uncertain_margin)
 
 
 def crf_input(keys: np.ndarray, cams: np.ndarray, alpha: float) -> np.ndarray:

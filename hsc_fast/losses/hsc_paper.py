@@ -18,7 +18,7 @@ RSC (eq. 3-5), `rsc_loss_paper`:
     F(r_o, r_b) = -1/N^2 sum_i sum_j log(1 - min(cos(r_o^i, r_b^j), 0.9995)) (eq. 4)
     L_rsc = 1/2 sum_{v=1,2} [F(r_o^v, r_b^v) + F(r_o^v, r_b^{other view})]   (eq. 5, both views)
   Masks: the pseudo-labels the method passes (bg = 20, ROI = the rest), CRF-refined under
-  loss.train_crf as in the code ("argmax on its CAM" in the paper: loss.train_crf=false). No
+  loss.crf.enabled as in the code ("argmax on its CAM" in the paper: loss.crf.enabled=false). No
   per-pixel normalisation (loss.rsc_normalize is a code-formulation key), no memory-bank L1 terms
   and no ROI bank: the banks come back unchanged (loss.rsc_momentum unused). The 0.9995 upper
   clamp is only a numerical guard (-log(1 - sim) is infinite at sim = 1); the code's lower clamp

@@ -5,7 +5,7 @@ ppc_seam, ppc_eps, hsc_seam, hsc_eps (the official run). All are two-view (view 
 resized), as the authors' code. Every method gets the SEAM baseline terms (cls + er + ecr, and
 EPS's saliency term when it declares ``saliency``); its own ``terms`` are added after them, in
 their order. Ablation switches: use_rsc / use_csc / use_psc, cross_supervision,
-momentum_prototypes, train_crf (CRF-refined pseudo-labels for RSC/PSC; off: the argmax labels).
+momentum_prototypes, crf.enabled (CRF-refined pseudo-labels for RSC/PSC; off: the argmax labels).
 formulation: the HSC equations of the authors' code (hsc.py) or of the paper (hsc_paper.py).
 """
 from __future__ import annotations
@@ -28,19 +28,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_crf_fn(backend: str = "lattice"):
-    """The training CRF of `loss.train_crf_backend` (lattice | dense | pydensecrf; hsc_fast.crf.train)."""
+    """The training CRF of `loss.crf.backend` (lattice | dense | pydensecrf; hsc_fast.crf.train)."""
     from hsc_fast.crf.train import train_crf_fn  # lazy: tests and CRF-free runs never import it
     return train_crf_fn(backend)
 
 
 def _refined_labels(cam_map, label, images, cfg, crf_fn):
     labels = pseudo_labels(cam_map, label)
-    if not cfg.train_crf:
+    if not cfg.crf.enabled:
         return labels
-    crf_fn = crf_fn or default_crf_fn(cfg.train_crf_backend)
-    out = crf_fn(images, labels, n_labels=cam_map.shape[1], gt_prob=cfg.crf_gt_prob, iters=cfg.crf_iters,
-                 gauss_sxy=cfg.crf_gauss_sxy, gauss_compat=cfg.crf_gauss_compat, bi_sxy=cfg.crf_bi_sxy,
-                 bi_srgb=cfg.crf_bi_srgb, bi_compat=cfg.crf_bi_compat)
+    crf_fn = crf_fn or default_crf_fn(cfg.crf.backend)
+    out = crf_fn(images, labels, n_labels=cam_map.shape[1], gt_prob=cfg.crf.gt_prob, **cfg.crf.params())
     return torch.as_tensor(out).to(device=labels.device, dtype=torch.int64)
 
 
@@ -56,7 +54,7 @@ def contrast_inputs(out1, out2, batch, cfg, crf_fn=None, img_mean=IMAGENET_MEAN,
             c[key + "1"] = resize_to(out1[key], hw)
             c[key + "2"] = resize_to(out2[key], hw)
     label = batch["label"]
-    images = crf_images(batch["img2"], hw, img_mean, img_std) if cfg.train_crf else None
+    images = crf_images(batch["img2"], hw, img_mean, img_std) if cfg.crf.enabled else None
     with torch.no_grad():
         c["y1"] = _refined_labels(c["cam1"], label, images, cfg, crf_fn)
         c["y2"] = _refined_labels(c["cam2"], label, images, cfg, crf_fn)

@@ -13,10 +13,10 @@ def test_registered_backends_are_the_config_choices():
     assert CRF_BACKENDS.names() == ("pydensecrf", "gpu")
     assert TRAIN_CRF_BACKENDS.names() == ("lattice", "dense", "pydensecrf")
     assert [CRF_BACKENDS.get(n).batched for n in CRF_BACKENDS] == [False, True]
-    with pytest.raises(ConfigError, match=r"'loss.train_crf_backend': 'latice' is not one of lattice, dense"):
-        load_config("hsc_seam", ["loss.train_crf_backend=latice"])
-    with pytest.raises(ConfigError, match=r"'seeds.crf_backend': 'cuda' is not one of pydensecrf, gpu"):
-        load_config("hsc_seam", ["seeds.crf_backend=cuda"])
+    with pytest.raises(ConfigError, match=r"'loss.crf.backend': 'latice' is not one of lattice, dense"):
+        load_config("hsc_seam", ["loss.crf.backend=latice"])
+    with pytest.raises(ConfigError, match=r"'seeds.crf.backend': 'cuda' is not one of pydensecrf, gpu"):
+        load_config("hsc_seam", ["seeds.crf.backend=cuda"])
 
 
 @pytest.mark.parametrize("batched, calls", [(True, [3, 2]), (False, [1, 1, 1, 1, 1])])
@@ -37,6 +37,31 @@ def test_batched_flag_decides_images_per_call(batched, calls):
         out = crf_batch(images, probs, backend="toy", gpu_batch=3, return_labels=True)
         assert seen == calls
         assert all(np.array_equal(o, p.argmax(0)) for o, p in zip(out, probs))
-        assert "toy" in load_config("seam", ["seeds.crf_backend=toy"]).seeds.crf_backend
+        assert "toy" in load_config("seam", ["seeds.crf.backend=toy"]).seeds.crf.backend
     finally:
         CRF_BACKENDS._entries.pop("toy")
+
+
+def test_a_backend_file_in_the_plugin_folder_is_all_it_takes(tmp_path, monkeypatch):
+    """One file in hsc_fast/crf/backends/ (here a temporary folder on that package's path)
+    registers a seed CRF backend and a training CRF backend; both become config choices."""
+    import hsc_fast.crf.backends as plugins
+    (tmp_path / "identity_crf.py").write_text(
+        "from hsc_fast.crf import register_backend\n"
+        "from hsc_fast.crf.train import register_train_backend\n"
+        "register_backend('identity', lambda images, unaries, params: [-u for u in unaries], batched=True)\n"
+        "register_train_backend('identity', lambda images, labels, **params: labels, batched=True)\n")
+    monkeypatch.setattr(plugins, "__path__", [*plugins.__path__, str(tmp_path)])
+    try:
+        assert "identity_crf" in plugins.discover()
+        cfg = load_config("seam", ["seeds.crf.backend=identity", "loss.crf.backend=identity"])
+        assert (cfg.seeds.crf.backend, cfg.loss.crf.backend) == ("identity", "identity")
+        probs = np.full((2, 3, 4), 0.5, np.float32)
+        probs[1, 0, 0] = 0.9
+        out = crf_batch([np.zeros((3, 4, 3), np.uint8)], [probs], backend="identity", return_labels=True)[0]
+        assert out[0, 0] == 1 and out.sum() == 1       # argmax of the probabilities it was given
+    finally:
+        CRF_BACKENDS._entries.pop("identity", None)
+        TRAIN_CRF_BACKENDS._entries.pop("identity", None)
+        import sys
+        sys.modules.pop("hsc_fast.crf.backends.identity_crf", None)

@@ -163,7 +163,7 @@ def test_cuda_hash_build_equals_sort_build(fixtures_dir):
 
 
 # --------------------------------------------------------------------------------------------
-# The batched training CRF (loss.train_crf_backend: lattice) against pydensecrf
+# The batched training CRF (loss.crf.backend: lattice) against pydensecrf
 # --------------------------------------------------------------------------------------------
 TRAIN_KW = dict(iters=10, gauss_sxy=3, gauss_compat=3, bi_sxy=50, bi_srgb=5, bi_compat=10)
 
@@ -244,10 +244,10 @@ def test_training_crf_backends_and_their_config_key():
     from hsc_fast.errors import ConfigError
 
     for preset in ("hsc_eps_official", "hsc_paper", "demo", "configs/ablation/demo.yaml"):
-        assert load_config(preset).loss.train_crf_backend == "lattice", preset
-    with pytest.raises(ConfigError, match="loss.train_crf_backend"):
-        load_config("hsc_eps_official", ["loss.train_crf_backend=exact"])
-    with pytest.raises(ConfigError, match="loss.train_crf_backend"):
+        assert load_config(preset).loss.crf.backend == "lattice", preset
+    with pytest.raises(ConfigError, match="loss.crf.backend"):
+        load_config("hsc_eps_official", ["loss.crf.backend=exact"])
+    with pytest.raises(ConfigError, match="loss.crf.backend"):
         train_crf_fn("exact")
     images, labels = _random_train_inputs(12, seed=24)
     img_t, lab_t = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)

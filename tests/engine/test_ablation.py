@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hsc_fast.engine import ablation as A
-from hsc_fast.config import load_config
+from hsc_fast.config import get_key, load_config
 from hsc_fast.engine.cam_trainer import check_geometry
 from hsc_fast.errors import ConfigError
 from hsc_fast.io import write_json
@@ -31,15 +31,15 @@ TABLE4 = {"seam":             ("seam",     0, 0, 0, 0, 0, 0, 55.4),
 
 
 def test_variants_are_exactly_the_table_rows(base_cfg):
-    assert [v.name for v in A.VARIANTS] == list(TABLE4)
-    for v in A.VARIANTS:
+    assert [v.name for v in A.variants()] == list(TABLE4)
+    for v in A.variants():
         method, *flags, paper = TABLE4[v.name]
         cfg = A.variant_config(base_cfg, v)
         assert cfg.loss.method == method
-        assert [getattr(cfg.loss, k) for k in A.TOGGLES] == [bool(f) for f in flags], v.name
+        assert [get_key(cfg, A.TOGGLE_KEYS[k]) for k in A.TOGGLES] == [bool(f) for f in flags], v.name
         assert v.paper_seed == paper
         assert cfg.loss.formulation == ("paper" if v.name == "hsc_seam_paper" else "code"), v.name
-    paper = A.variant_config(base_cfg, A.VARIANT_BY_NAME["hsc_seam_paper"])
+    paper = A.variant_config(base_cfg, A.variant_by_name()["hsc_seam_paper"])
     assert paper.loss.csc_topk == 4   # k_c per image (eq. 6): the paper's 16 of 16x16 -> 4 of 8x8
     check_geometry(paper)
 
@@ -47,21 +47,46 @@ def test_variants_are_exactly_the_table_rows(base_cfg):
 def test_variants_differ_from_the_shared_config_only_in_the_loss_switches(base_cfg):
     from hsc_fast.config import to_dict
     base = to_dict(base_cfg)
-    for v in A.VARIANTS:
+    for v in A.variants():
         d = to_dict(A.variant_config(base_cfg, v))
         for section in base:
             if section != "loss":
                 assert d[section] == base[section], (v.name, section)
         changed = {k for k in base["loss"] if base["loss"][k] != d["loss"][k]}
-        allowed = {"method", *A.TOGGLES} | ({"formulation", "csc_topk"} if v.formulation == "paper" else set())
+        changed |= {f"crf.{k}" for k in base["loss"]["crf"] if base["loss"]["crf"][k] != d["loss"]["crf"][k]}
+        allowed = ({"method", "crf"} | {A.TOGGLE_KEYS[k].removeprefix("loss.") for k in A.TOGGLES} |
+                   ({"formulation", "csc_topk"} if v.formulation == "paper" else set()))
         assert changed <= allowed, (v.name, changed)
-    digests = {A.config_digest(A.variant_config(base_cfg, v)) for v in A.VARIANTS}
-    assert len(digests) == len(A.VARIANTS)
+    digests = {A.config_digest(A.variant_config(base_cfg, v)) for v in A.variants()}
+    assert len(digests) == len(A.variants())
+
+
+def test_a_registered_method_brings_its_ablation_rows():
+    """Rows come from the registry: a toy method extending SEAM joins the SEAM group, after the
+    rows already there; a row naming an unknown switch is refused with the method named."""
+    from hsc_fast.losses.methods import AblationRow, Method, register_method
+    from hsc_fast.registry import METHODS
+    register_method(Method("toy_seam", "seam + nothing", baseline="seam",
+                           ablation=(AblationRow("toy_psc", "toy +PSC", ("use_psc",)),)))
+    A.variants.cache_clear()
+    try:
+        names = [v.name for v in A.variants()]
+        assert names == list(TABLE4)[:6] + ["toy_psc"] + list(TABLE4)[6:]
+        toy = A.variant_by_name()["toy_psc"]
+        assert (toy.method, toy.baseline, toy.use_psc, toy.use_csc) == ("toy_seam", "seam", True, False)
+        METHODS._entries["toy_seam"] = Method("toy_seam", "bad", ablation=(AblationRow("bad", "bad", ("use_xyz",)),))
+        A.variants.cache_clear()
+        with pytest.raises(ConfigError, match=r"method 'toy_seam': ablation row 'bad' names unknown switch\(es\) use_xyz"):
+            A.variants()
+    finally:
+        METHODS._entries.pop("toy_seam")
+        A.variants.cache_clear()
+    assert [v.name for v in A.variants()] == list(TABLE4)
 
 
 def test_select_variants_keeps_table_order_and_rejects_unknown():
     assert [v.name for v in A.select_variants("hsc_seam, seam")] == ["seam", "hsc_seam"]
-    assert len(A.select_variants("all")) == len(A.VARIANTS)
+    assert len(A.select_variants("all")) == len(A.variants())
     with pytest.raises(ConfigError, match="nope"):
         A.select_variants("seam,nope")
 
@@ -74,7 +99,7 @@ def _stages(miou, thr, train_s):
 def _fake_results(base_cfg, mious):
     out = []
     for name, miou in mious.items():
-        v = A.VARIANT_BY_NAME[name]
+        v = A.variant_by_name()[name]
         out.append(A.make_result(v, _stages(miou, 0.25, 100.0 + miou), A.config_digest(A.variant_config(base_cfg, v)),
                                  base_cfg.train.max_steps))
     return out
@@ -138,7 +163,7 @@ def test_variant_context_links_shared_shards_and_evaluates_the_eval_ids(tmp_path
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "index.json").write_text("{}")
     root = _root(tmp_path, base_cfg)
-    v = A.VARIANT_BY_NAME["seam_psc"]
+    v = A.variant_by_name()["seam_psc"]
     ctx = A.variant_context(root, v, A.variant_config(base_cfg, v))
     assert ctx.run_dir == tmp_path / "variants" / "seam_psc"
     assert (ctx.run_dir / "shards" / "index.json").read_text() == "{}"
@@ -149,7 +174,7 @@ def test_variant_context_links_shared_shards_and_evaluates_the_eval_ids(tmp_path
 def test_unfinished_variant_does_not_resume_with_another_config(tmp_path, base_cfg):
     (tmp_path / "shards").mkdir()
     root = _root(tmp_path, base_cfg)
-    v = A.VARIANT_BY_NAME["seam"]
+    v = A.variant_by_name()["seam"]
     A.variant_context(root, v, A.variant_config(base_cfg, v))
     A.variant_context(root, v, A.variant_config(base_cfg, v))  # same config: resumes
     longer = load_config("ablation/demo", ["train.max_steps=400"])

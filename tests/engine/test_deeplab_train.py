@@ -173,7 +173,7 @@ def test_training_on_ground_truth_lowers_the_loss_of_a_fixed_batch(synth, group,
     trainer = DeeplabTrainer(cfg, tmp_path, group, ds)
     with torch.no_grad():
         before = float(trainer.batch_loss(batch))
-    losses = [trainer.train_step([batch])["loss"] for _ in range(8)]
+    losses = [trainer.train_step([batch]).terms["total"] for _ in range(8)]
     with torch.no_grad():
         after = float(trainer.batch_loss(batch))
     assert np.isfinite(losses).all()
@@ -202,6 +202,30 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(synth, group, tmp_path)
     assert [r["loss"] for r in read_metrics(run / "metrics.csv")] == [r["loss"] for r in rows]
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
     assert (run / "config.yaml").is_file() and json.loads((run / "env.json").read_text())["stage"] == "deeplab"
+
+
+def test_nonfinite_deeplab_steps_are_skipped_then_abort_with_checkpoint(synth, group, tmp_path, monkeypatch):
+    """The shared step loop's guard in DeepLab training: a NaN loss (injected at steps 2 and 3)
+    leaves weights and momentum untouched; train.max_nonfinite=2 in a row saves and stops."""
+    from hsc_fast.checkpoint import find_latest, load_shared, step_dir
+    from hsc_fast.engine.deeplab_trainer import train_deeplab
+    from hsc_fast.engine.runlog import read_metrics
+    from hsc_fast.errors import TrainingError
+    monkeypatch.setenv("HSC_FAULT_NAN_STEPS", "2,3")
+    cfg = tiny_cfg(synth, max_steps=6, save_every=1)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_nonfinite=2))
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"DeepLab loss was non-finite for 2 steps in a row \(up to step 3\)"):
+        train_deeplab(cfg, run, images=str(synth["root"]), labels_dir=str(synth["gt"]), train_ids=synth["train"],
+                      progress=False)
+    assert find_latest(run) == step_dir(run, 3)
+    s1, s3 = (load_shared(step_dir(run, s)) for s in (1, 3))
+    assert [k for k in s1["model"] if not torch.equal(s1["model"][k], s3["model"][k])] == []  # no update at 2, 3
+    assert all(torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+               for a, b in zip(s1["optimizer"]["state"].values(), s3["optimizer"]["state"].values()))
+    rows = read_metrics(run / "metrics.csv")
+    assert [r["nonfinite_in_a_row"] for r in rows] == ["0", "1", "2"] and rows[1]["loss"] == "nan"
+    assert float(rows[0]["loss"]) > 0
 
 
 # ------------------------------------------------------------------------------- prediction

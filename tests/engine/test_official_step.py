@@ -10,11 +10,11 @@ CSC / PSC with their in-place banks (tests/losses/test_losses.py's loop versions
 PolyOptimizer update: SGD with the weight-decay value 5e-4 in the momentum slot, lr groups
 1x / 2x (no decay) / 10x / 20x (no decay) by conv membership in the authors' from-scratch list
 (the RSC projector Sequential is listed, its convs are not: 1x / 2x), poly power 0.9 over 13,215
-steps. The trainer runs the official preset as it is (train_crf_backend lattice): terms, all six
+steps. The trainer runs the official preset as it is (loss.crf.backend lattice): terms, all six
 banks, momentum buffers and weights must agree to fp32 round-off, every step starting both sides
 from the trainer's state. Measured (this CPU): terms 3.1e-6, banks 6.8e-8, weights 6.1e-5,
 updates 8.1e-5, momentum buffers 6.1e-5 (relative to each tensor's scale; the RSC projector's
-gradient carries the largest round-off). With train_crf_backend=dense the test fails at step 2.
+gradient carries the largest round-off). With loss.crf.backend=dense the test fails at step 2.
 """
 import math
 import os
@@ -294,7 +294,7 @@ def test_official_train_step_reproduces_the_authors_step(fixtures_dir, group, tm
     cfg = load_config("hsc_eps_official", [
         "model.weights=", "model.allow_random_init=true", "model.width_div=8",
         f"data.batch_size={BATCH}", f"data.crop_size={SIZE1}", f"data.view2_size={SIZE2}", "train.tensorboard=false"])
-    assert cfg.loss.train_crf_backend == "lattice" and cfg.optim.official_momentum_quirk
+    assert cfg.loss.crf.backend == "lattice" and cfg.optim.official_momentum_quirk
     trainer = Trainer(cfg, tmp_path, group)
     ref = build_cam_model(cfg.model, load_weights=False)
     ref.load_state_dict(trainer.module.state_dict())

@@ -40,7 +40,7 @@ def tiny_cfg(synth, **over):
             f"data.sbd_root={synth / 'SBD'}", f"data.cls_labels={synth / 'cls_labels.npy'}",
             "data.batch_size=2", "data.workers=0", "data.crop_size=64", "data.resize_long=[64,80]",
             "data.view2_size=32", "loss.contrast_size=4", "loss.csc_topk=16", "loss.csc_update_topk=4",
-            "loss.psc_topk=1", "loss.crf_iters=3", "train.deterministic=true", "train.keep_last=10",
+            "loss.psc_topk=1", "loss.crf.iters=3", "train.deterministic=true", "train.keep_last=10",
             "optim.lr=0.05", *RANDOM_INIT]
     sets += [f"{k.replace('__', '.')}={v}" for k, v in over.items()]
     return load_config("demo", sets)

@@ -5,11 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hsc_fast.config import LossConfig
+from hsc_fast.config import LossConfig, TrainCrfConfig
 from hsc_fast.losses import (classification_loss, csc_loss, method_losses, normalize_cam, psc_loss,
                              pseudo_labels, rsc_loss)
 from hsc_fast.ops import LossInputError
 from hsc_fast.losses.prototypes import PrototypeBanks
+
+NO_CRF = TrainCrfConfig(enabled=False)  # the argmax pseudo-labels, no training CRF
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -393,7 +395,7 @@ def fake_outputs(n=2, seed=0):
     ("hsc_eps", {"cls", "er", "ecr", "sal", "rsc", "csc", "psc"})])
 def test_method_losses_terms_and_total(method, keys):
     out1, out2, batch = fake_outputs()
-    cfg = cfg_small(method=method, train_crf=False, contrast_size=4)
+    cfg = cfg_small(method=method, crf=NO_CRF, contrast_size=4)
     terms, new = method_losses(out1, out2, batch, PrototypeBanks(0), cfg,
                                generator=torch.Generator().manual_seed(0))
     assert set(terms) == keys | {"total"}
@@ -421,7 +423,7 @@ def test_method_losses_uses_the_crf_labels():
     # fg bank row becomes half the old one
     old = PrototypeBanks(0).as_dict()
     torch.testing.assert_close(new["rsc1"][1], 0.5 * old["rsc1"][1])
-    cfg_no = cfg_small(method="hsc_seam", contrast_size=4, train_crf=False)
+    cfg_no = cfg_small(method="hsc_seam", contrast_size=4, crf=NO_CRF)
     terms_no, _ = method_losses(out1, out2, batch, PrototypeBanks(0), cfg_no)
     assert not torch.allclose(terms["rsc"], terms_no["rsc"])
 

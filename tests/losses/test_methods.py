@@ -5,13 +5,15 @@ import dataclasses
 import pytest
 import torch
 
-from hsc_fast.config import LossConfig, load_config
+from hsc_fast.config import LossConfig, TrainCrfConfig, load_config
 from hsc_fast.errors import ConfigError
 from hsc_fast.losses import method_losses
 from hsc_fast.losses.methods import Method, get_method, register_method
 from hsc_fast.losses.prototypes import PrototypeBanks
 from hsc_fast.registry import METHODS
 from losses.test_losses import fake_outputs
+
+NO_CRF = TrainCrfConfig(enabled=False)  # the argmax pseudo-labels, no training CRF
 
 
 def test_the_six_methods_and_their_declared_needs():
@@ -37,7 +39,7 @@ def test_a_registered_method_is_a_config_choice_and_adds_its_terms():
     try:
         assert load_config("seam", ["loss.method=toy_seam"]).loss.method == "toy_seam"
         out1, out2, batch = fake_outputs()
-        base_cfg = dataclasses.replace(LossConfig(), method="seam", train_crf=False)
+        base_cfg = dataclasses.replace(LossConfig(), method="seam", crf=NO_CRF)
         toy_cfg = dataclasses.replace(base_cfg, method="toy_seam")
         base, _ = method_losses(out1, out2, batch, PrototypeBanks(0), base_cfg)
         terms, _ = method_losses(out1, out2, batch, PrototypeBanks(0), toy_cfg)
@@ -54,6 +56,6 @@ def test_a_method_that_needs_projectors_says_so():
     out1, out2, batch = fake_outputs()
     for o in (out1, out2):
         del o["feat_psc"], o["feat_rsc"]
-    cfg = dataclasses.replace(LossConfig(), method="hsc_seam", train_crf=False)
+    cfg = dataclasses.replace(LossConfig(), method="hsc_seam", crf=NO_CRF)
     with pytest.raises(ValueError, match="'hsc_seam' needs the contrast projectors"):
         method_losses(out1, out2, batch, PrototypeBanks(0), cfg)

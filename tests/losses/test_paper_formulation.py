@@ -12,13 +12,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hsc_fast import ops
-from hsc_fast.config import LossConfig, load_config
+from hsc_fast.config import LossConfig, TrainCrfConfig, load_config
 from hsc_fast.engine.cam_trainer import check_geometry
 from hsc_fast.errors import ConfigError
 from hsc_fast.losses import (contrast_inputs, csc_loss, label_scores, method_losses, normalize_cam, psc_loss,
                              pseudo_labels, rsc_loss)
 from hsc_fast.losses.hsc_paper import FORMULATIONS, csc_loss_paper, hsc_losses, rsc_loss_paper
 from hsc_fast.losses.prototypes import DistContext, PrototypeBanks
+
+NO_CRF = TrainCrfConfig(enabled=False)  # the argmax pseudo-labels, no training CRF
 
 TOL = dict(atol=1e-10, rtol=1e-10)   # float64 loops vs the vectorised losses
 TAU, LAM = 0.1, 0.9
@@ -345,7 +347,7 @@ def fake_outputs(n=2, seed=0):
 def test_method_losses_switches_formulation_and_keeps_the_code_path():
     out1, out2, batch = fake_outputs()
     banks = PrototypeBanks(0, rsc_dim=16, psc_dim=8).as_dict()
-    cfg = LossConfig.official(impl="torch", method="hsc_seam", train_crf=False, contrast_size=4,
+    cfg = LossConfig.official(impl="torch", method="hsc_seam", crf=NO_CRF, contrast_size=4,
                               csc_topk=8, csc_update_topk=4, psc_topk=4)
     assert cfg.formulation == "code"
     paper = dataclasses.replace(cfg, formulation="paper")
@@ -378,7 +380,7 @@ def test_formulation_key_is_validated():
     with pytest.raises(ConfigError, match="loss.formulation"):
         hsc_losses("equations")
     out1, out2, batch = fake_outputs()
-    cfg = LossConfig.official(impl="torch", method="hsc_seam", train_crf=False, contrast_size=4,
+    cfg = LossConfig.official(impl="torch", method="hsc_seam", crf=NO_CRF, contrast_size=4,
                               formulation="equations")
     with pytest.raises(ConfigError, match="loss.formulation"):
         method_losses(out1, out2, batch, PrototypeBanks(0, rsc_dim=16, psc_dim=8), cfg)

@@ -34,7 +34,7 @@ def tiny_sets(synth, batch=2):
             f"data.sbd_root={synth / 'SBD'}", f"data.cls_labels={synth / 'cls_labels.npy'}",
             f"data.batch_size={batch}", "data.workers=0", "data.crop_size=64", "data.resize_long=[64,80]",
             "data.view2_size=32", "loss.contrast_size=4", "loss.csc_topk=16", "loss.csc_update_topk=4",
-            "loss.psc_topk=1", "loss.crf_iters=3", "train.keep_last=10", "optim.lr=0.05",
+            "loss.psc_topk=1", "loss.crf.iters=3", "train.keep_last=10", "optim.lr=0.05",
             "train.dist_timeout_s=30",
             # the demo preset starts from SynthNet weights; these tests train tiny random-init networks
             "model.allow_random_init=true", "model.frozen_bn=false", "model.freeze_stem=false"]

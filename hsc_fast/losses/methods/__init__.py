@@ -36,6 +36,19 @@ Terms = Callable[[MethodStep], tuple[dict, dict]]   # -> (named loss terms, upda
 
 
 @dataclass(frozen=True)
+class AblationRow:
+    """One row of ``launch/ablation.py`` contributed by a method: the method with only the HSC
+    switches in ``switches`` on (use_psc, use_csc, use_rsc, cross_supervision, momentum_prototypes,
+    train_crf = loss.crf.enabled), compared with the method's ``baseline``."""
+    name: str
+    title: str
+    switches: tuple = ()
+    paper_seed: Optional[float] = None   # published VOC train seed mIoU of this row
+    formulation: str = "code"            # loss.formulation of this row
+    extra: tuple = ()                    # further `--set` strings
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     summary: str
@@ -45,6 +58,8 @@ class Method:
     contrast: bool = False         # needs contrast_inputs: normalised CAMs, pseudo-labels, training CRF
     terms: Optional[Terms] = None  # extra terms beyond the baseline, in the order they are summed
     check: Optional[Callable[..., None]] = None   # check(cfg, side=, image_side=) -> raises ConfigError
+    baseline: str = ""             # the method this one extends (the ablation compares with it)
+    ablation: tuple = ()           # AblationRow(s) this method adds to launch/ablation.py, in table order
 
 
 def register_method(method: Method) -> Method:

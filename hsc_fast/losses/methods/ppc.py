@@ -9,5 +9,6 @@ def ppc_terms(s: MethodStep) -> tuple[dict, dict]:
                             impl=s.cfg.impl, generator=s.generator)}, {}
 
 
-register_method(Method("ppc_seam", "seam + PPC", projectors=True, contrast=True, terms=ppc_terms))
-register_method(Method("ppc_eps", "eps + PPC", saliency=True, projectors=True, contrast=True, terms=ppc_terms))
+register_method(Method("ppc_seam", "seam + PPC", projectors=True, contrast=True, terms=ppc_terms, baseline="seam"))
+register_method(Method("ppc_eps", "eps + PPC", saliency=True, projectors=True, contrast=True, terms=ppc_terms,
+                       baseline="eps"))
