@@ -16,6 +16,7 @@ from hsc_fast.data.voc import read_id_list
 from hsc_fast.distributed import init_distributed, shutdown
 from hsc_fast.errors import ConfigError, HscError, WeightsError
 from hsc_fast.eval.seeds import N_OVERLAYS, SeedJob, run
+from hsc_fast.registry import CRF_BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="npy", choices=("npy", "npz"), help="CAM file format (see module doc)")
     p.add_argument("--bg-threshold", type=float, help="seed threshold (default: seeds.bg_threshold, -1 = best of sweep)")
     p.add_argument("--thresholds", help="sweep A:B:STEP (default: seeds.thresholds)")
-    p.add_argument("--crf-backend", choices=("pydensecrf", "gpu"), help="default: seeds.crf.backend")
+    p.add_argument("--crf-backend", choices=CRF_BACKENDS.names(),  # registered backends (hsc_fast.crf)
+                   help="seed CRF backend (default: seeds.crf.backend)")
     p.add_argument("--uncertain-margin", type=float, default=0.0,
                    help="CRF pixels whose top-2 probabilities differ by less become 255 (default 0: off)")
     p.add_argument("--overlays", type=int, default=N_OVERLAYS, help="inspection pictures written by rank 0")
