@@ -13,7 +13,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -137,7 +137,13 @@ TrainCrfConfig = _crf_section("TrainCrfConfig", "train", [
 ], "loss.crf: HSC's in-training CRF (hsc_fast.crf.train).")
 SeedCrfConfig = _crf_section("SeedCrfConfig", "inference", [
     ("backend", str, _f("pydensecrf", "seed CRF backend (hsc_fast.crf)")),
-    ("alpha", float, _f(7.0, "background probability (1 - max fg)^alpha")),
+    ("alpha", Union[float, str], _f("auto", "background probability (1 - max fg)^alpha; auto: alpha = ln t / "
+                                           "ln(1 - t) for the seed threshold t (the CRF's background then equals "
+                                           "the CAM at t) -- with ground truth the best of an alpha sweep "
+                                           "(alpha_grid, alpha_sweep_images) instead; the official presets keep "
+                                           "the authors' 7")),
+    ("alpha_grid", list, _f([1, 2, 4, 7, 10, 16], "alpha: auto with ground truth: the alphas tried (plus ln t / ln(1 - t))")),
+    ("alpha_sweep_images", int, _f(200, "alpha: auto with ground truth: the first N evaluation ids it is measured on")),
 ], "seeds.crf: the CRF of the seed CAMs -> pseudo-labels (hsc_fast.eval.seeds).")
 TestCrfConfig = _crf_section("TestCrfConfig", "deeplab_test", [
     ("enabled", bool, _f(True, "CRF at test time (pred_crf/, eval_crf.json beside the plain prediction)")),
@@ -295,11 +301,16 @@ class RunConfig:
 def _check_value(value: Any, tp: Any, key: str) -> Any:
     """Return `value` converted to type `tp` where lossless (int -> float), else raise."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union:  # Optional[X], or X | Y: the first type the value fits
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _check_value(value, args[0], key)
+        for arg in args[:-1]:
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError:
+                pass
+        return _check_value(value, args[-1], key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is list or origin is list:
@@ -502,6 +513,10 @@ def _check_crf_section(crf: CrfSection, prefix: str) -> None:
             raise ConfigError(f"config key '{prefix}.{name}': expected a finite number, got {getattr(crf, name)}")
     for name, lo, hi in (("gt_prob", 0.0, 1.0), ("alpha", 0.0, math.inf)):
         value = getattr(crf, name, None)
+        if name == "alpha" and isinstance(value, str):
+            if value != "auto":
+                raise ConfigError(f"config key '{prefix}.alpha': expected a number > 0 or 'auto', got {value!r}")
+            continue
         if value is not None and not lo < value < hi:
             raise ConfigError(f"config key '{prefix}.{name}': expected a number in ({lo}, {hi}), got {value}")
 
@@ -520,8 +535,14 @@ def describe(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]
             choices = _CHOICES.get(prefix + f.name)
             if isinstance(choices, Registry):  # registered names, read from the registry
                 text += f" (registered: {' | '.join(choices)})"
-            rows.append((prefix + f.name, getattr(tp, "__name__", str(tp)), getattr(defaults, f.name), text))
+            rows.append((prefix + f.name, _type_name(tp), getattr(defaults, f.name), text))
     return rows
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
 
 
 def markdown_reference() -> str:

@@ -128,7 +128,8 @@ def test_crf_sections_default_to_the_authors_three_parameter_sets():
     assert CRF_PRESETS["deeplab_test"] == dict(iters=10, gauss_sxy=1, gauss_compat=3, bi_sxy=67, bi_srgb=3, bi_compat=4)
     assert CRF_PRESETS["train"] == dict(iters=10, gauss_sxy=3, gauss_compat=3, bi_sxy=50, bi_srgb=5, bi_compat=10)
     assert (cfg.loss.crf.enabled, cfg.loss.crf.backend, cfg.loss.crf.gt_prob) == (True, "lattice", 0.7)
-    assert (cfg.seeds.crf.alpha, cfg.seeds.crf.backend, cfg.deeplab.crf.enabled) == (7.0, "pydensecrf", True)
+    assert (cfg.seeds.crf.alpha, cfg.seeds.crf.backend, cfg.deeplab.crf.enabled) == ("auto", "pydensecrf", True)
+    assert load_config("hsc_eps_official").seeds.crf.alpha == 7.0     # the authors' background
 
 
 def test_a_crf_preset_fills_the_parameters_and_given_keys_win(tmp_path):

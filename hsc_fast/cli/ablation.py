@@ -10,7 +10,7 @@ import sys
 from hsc_fast.cli.common import add_config_args, add_dataset_args, exit_if_rank_lost, with_exit_codes
 from hsc_fast.config import load_config
 from hsc_fast.engine.ablation import run_ablation, select_variants, variants
-from hsc_fast.errors import HscError
+from hsc_fast.errors import ConfigError, HscError
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -24,13 +24,18 @@ def build_parser() -> argparse.ArgumentParser:
                "examples:\n"
                "  python launch/ablation.py --run-dir runs/ablation\n"
                "  python launch/ablation.py --run-dir runs/abl600 --set train.max_steps=600 --set optim.poly_steps=600\n"
-               "  python launch/ablation.py --run-dir runs/ablation --variants seam,hsc_seam",
+               "  python launch/ablation.py --run-dir runs/ablation --variants seam,hsc_seam\n"
+               "  python launch/ablation.py --run-dir runs/abl3 --variants seam,hsc_seam --seeds 3 --synth-train 600",
                failed="a variant failed", rank_lost=True))
     p.add_argument("--run-dir", required=True, help="shared data + one folder per variant + ablation.json/.md")
     add_config_args(p, "ablation/demo", "shared YAML config or preset (default: configs/ablation/demo.yaml)",
                     set_note="applied to every variant")
     p.add_argument("--variants", default="all", help="comma-separated subset (default: all)")
     p.add_argument("--force", action="store_true", help="delete and rerun the selected variants")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train each variant N times (train.seed, +1, ...); the table shows mean ± std (default 1)")
+    p.add_argument("--synth-train", type=int, default=None, metavar="N",
+                   help="training images of the synthetic set (default: the pipeline's 300; a new --run-dir per size)")
     add_dataset_args(p, val=False)  # --voc-root etc.: a real VOC2012 instead of the synthetic set
     return p
 
@@ -47,15 +52,21 @@ def main(argv=None) -> int:
         fill_weights(base_cfg, run_dir)  # every variant starts from the one shared SynthNet file
         variants = select_variants(args.variants)
         data = dataset_from_args(args, run_dir)
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds {args.seeds}: expected at least 1")
+        if args.synth_train is not None and (args.synth_train < 2 or args.voc_root):
+            raise ConfigError(f"--synth-train {args.synth_train}: expected >= 2, and only for the synthetic set")
     except HscError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from hsc_fast import distributed as D
     root, info = start_context(base_cfg, run_dir, data, args)
+    if args.synth_train is not None:
+        root.synth = dict(root.synth, n_train=args.synth_train)
     command = " ".join(["python launch/ablation.py"] + list(argv if argv is not None else sys.argv[1:]))
     try:
-        run_ablation(root, base_cfg, variants, force=args.force, command=command,
-                               log=print if root.rank == 0 else (lambda *_: None))
+        run_ablation(root, base_cfg, variants, force=args.force, command=command, seeds=args.seeds,
+                     log=print if root.rank == 0 else (lambda *_: None))
     except HscError as e:
         exit_if_rank_lost(e)  # 75, like train_cam: the supervisor can tell a lost peer from a failure
         print(f"[rank {root.rank}] ablation failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -82,7 +82,8 @@ def main(argv=None) -> int:
         summary = json.loads(ctx.path("summary.json").read_text()) if ctx.path("summary.json").is_file() else {}
         print(f"[pipeline] finished in {time.perf_counter() - t0:.0f} s; report: {ctx.path('report.md')}")
         for key in [k for k in summary if k.startswith("pretrain_")] + [
-                "seed_miou", "seed_best_threshold", "crf_miou", "deeplab_miou", "deeplab_crf_miou"]:
+                "seed_miou", "seed_best_threshold", "crf_miou", "crf_alpha", "mask_miou", "deeplab_miou",
+                "deeplab_crf_miou"]:
             if key in summary:
                 print(f"  {key:22s} {summary[key]:.2f}")
     return 0

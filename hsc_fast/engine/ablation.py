@@ -63,6 +63,7 @@ class Variant:
     paper_seed: Optional[float] = None  # published VOC train seed mIoU of this row
     formulation: str = "code"           # loss.formulation: the authors' code or the paper's equations
     extra: tuple = ()                   # further `--set` strings of this row
+    replicate_of: str = ""              # the row this is a further seed of ('' = the row itself)
 
     def toggles(self) -> dict:
         return {k: getattr(self, k) for k in TOGGLES}
@@ -119,6 +120,38 @@ def select_variants(text: str) -> list[Variant]:
     if unknown:
         raise ConfigError(f"--variants: unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)}")
     return [v for v in variants() if v.name in wanted]
+
+
+def replicate(variant: Variant, k: int, base_seed: int) -> Variant:
+    """Replicate k of a row: the same switches trained with train.seed = base_seed + k. k = 0 is
+    the row itself (its results stay reusable when --seeds grows)."""
+    if k == 0:
+        return variant
+    return replace(variant, name=f"{variant.name}_s{k}", replicate_of=variant.name,
+                   extra=variant.extra + (f"train.seed={base_seed + k}",))
+
+
+def replicates(variants: Sequence[Variant], seeds: int, base_seed: int) -> list[Variant]:
+    return [replicate(v, k, base_seed) for v in variants for k in range(seeds)]
+
+
+def aggregate(results: Sequence[dict]) -> list[dict]:
+    """One row per ablation row: seed mIoU mean and sample std over its replicates (seeds), the
+    other numbers averaged; rows in first-seen order."""
+    groups: dict[str, list] = {}
+    for r in results:
+        groups.setdefault(r.get("replicate_of") or r["variant"], []).append(r)
+    rows = []
+    for name, group in groups.items():
+        mious = [g["seed_miou"] for g in group]
+        mean = sum(mious) / len(mious)
+        std = (sum((m - mean) ** 2 for m in mious) / (len(mious) - 1)) ** 0.5 if len(mious) > 1 else 0.0
+        losses = [g["cls_loss_final"] for g in group if g.get("cls_loss_final") is not None]
+        rows.append(dict(group[0], variant=name, seed_miou=mean, seed_miou_std=std, n_seeds=len(group),
+                         seed_mious=mious, train_seconds=sum(g["train_seconds"] for g in group) / len(group),
+                         best_threshold=sum(g["best_threshold"] for g in group) / len(group),
+                         cls_loss_final=sum(losses) / len(losses) if losses else None))
+    return rows
 
 
 def variant_config(base: RunConfig, variant: Variant) -> RunConfig:
@@ -179,17 +212,18 @@ def make_result(variant: Variant, stages: dict, digest: str, max_steps: int,
     best = stages["sweep"]["outputs"]["best"]
     return {"cls_loss_final": cls_final, "variant": variant.name, "title": variant.title, "method": variant.method,
             "baseline": variant.baseline, "toggles": variant.toggles(), "paper_seed": variant.paper_seed,
+            "replicate_of": variant.replicate_of or variant.name,
             "seed_miou": float(best["miou"]), "best_threshold": float(best["threshold"]),
             "train_seconds": float(stages["train_cam"]["seconds"]), "cam_seconds": float(stages["cam"]["seconds"]),
             "sweep_seconds": float(stages["sweep"]["seconds"]), "steps": max_steps, "config_digest": digest}
 
 
-def completed_results(run_dir: Path, base_cfg: RunConfig, fresh: Sequence[dict]) -> list[dict]:
+def completed_results(run_dir: Path, base_cfg: RunConfig, fresh: Sequence[dict], seeds: int = 1) -> list[dict]:
     """Every variant measured in RUN_DIR with this config (this invocation's and earlier ones'),
     in table order, so that running subsets one after another builds up one table."""
     by_name = {r["variant"]: r for r in fresh}
     out = []
-    for v in variants():
+    for v in replicates(variants(), seeds, base_cfg.train.seed):
         if v.name not in by_name:
             try:
                 by_name[v.name] = load_result(run_dir, v, config_digest(variant_config(base_cfg, v)))
@@ -223,8 +257,16 @@ def _mark(on: bool) -> str:
     return "x" if on else ""
 
 
+def _miou_cell(r: dict) -> str:
+    if r.get("n_seeds", 1) > 1:
+        return f"{r['seed_miou']:.2f} ± {r['seed_miou_std']:.2f} (n={r['n_seeds']})"
+    return f"{r['seed_miou']:.2f}"
+
+
 def markdown_table(results: Sequence[dict], meta: dict) -> str:
-    """ablation.md: one row per variant (table order), toggles as check marks, gains vs baseline."""
+    """ablation.md: one row per variant (table order; with --seeds N the mean ± sample std over
+    its N seeds), toggles as check marks, gains of the means vs baseline."""
+    results = aggregate(results)
     g = gains(results)
     cols = [TOGGLE_NAMES[k] for k in TOGGLES]
     head = (["variant", "method"] + cols +
@@ -237,10 +279,13 @@ def markdown_table(results: Sequence[dict], meta: dict) -> str:
         paper = "" if r.get("paper_seed") is None else f"{r['paper_seed']:.1f}"
         gain = f"{g[r['variant']]:+.2f}" if r["variant"] in g else ""
         row = ([r["title"], r["method"]] + [_mark(r["toggles"][k]) for k in TOGGLES] +
-               [f"{r['seed_miou']:.2f}", gain, f"{r['best_threshold']:.2f}", _num(r.get("cls_loss_final")),
+               [_miou_cell(r), gain, f"{r['best_threshold']:.2f}", _num(r.get("cls_loss_final")),
                 f"{r['train_seconds']:.0f}", paper])
         lines.append("| " + " | ".join(row) + " |")
     goal = goal_status(results)
+    if any(r.get("n_seeds", 1) > 1 for r in results):
+        lines += ["", "seed mIoU: mean ± sample standard deviation over the seeds (train.seed, train.seed + 1, ...); "
+                      "'vs baseline' compares the means."]
     if "hsc_seam_gain" in goal:
         lines += ["", f"Goal (full HSC >= SEAM + {GOAL_MIOU_GAIN:g} mIoU): "
                       f"{'reached' if goal['reached'] else 'NOT reached'} ({goal['hsc_seam_gain']:+.2f})."]
@@ -251,7 +296,8 @@ def write_outputs(run_dir: Path, results: Sequence[dict], meta: dict) -> tuple[P
     from hsc_fast.io import write_json
     run_dir = Path(run_dir)
     js, md = run_dir / "ablation.json", run_dir / "ablation.md"
-    write_json(js, {**meta, "goal": goal_status(results), "gains": gains(results), "variants": list(results)})
+    rows = aggregate(results)
+    write_json(js, {**meta, "goal": goal_status(rows), "gains": gains(rows), "rows": rows, "variants": list(results)})
     md.write_text(markdown_table(results, meta))
     return js, md
 
@@ -322,14 +368,30 @@ def machine_text() -> str:
     return f"{os.cpu_count()} CPU(s), load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min)"
 
 
+def check_synth_size(root) -> None:
+    """A run folder holds one synthetic set: another --synth-train size needs another --run-dir."""
+    from hsc_fast.engine.pipeline import marker
+    done = marker(root, "synth")
+    if done.is_file():
+        made = json.loads(done.read_text()).get("outputs", {}).get("n_train")
+        if made is not None and made != root.synth["n_train"]:
+            raise ConfigError(f"{done}: this run folder's synthetic set has {made} training images, not "
+                              f"{root.synth['n_train']} (--synth-train): use another --run-dir")
+
+
 def run_ablation(root, base_cfg: RunConfig, variants: Sequence[Variant], force: bool = False,
-                 command: str = "", log=print) -> list[dict]:
-    """Shared data once, then every variant (resumable; complete ones are skipped)."""
+                 command: str = "", log=print, seeds: int = 1) -> list[dict]:
+    """Shared data once, then every variant, `seeds` times with train.seed, +1, ... (resumable;
+    complete runs are skipped)."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: expected at least 1")
+    variants = replicates(variants, seeds, base_cfg.train.seed)
     from hsc_fast.engine.pipeline import run_stage
     t0 = time.perf_counter()
     machine_start = machine_text()
     stage_seconds: dict = {}
     shared = (("synth",) if root.data.name.startswith("synthetic") else ()) + ("shard",)
+    check_synth_size(root)
     for stage in shared + (("pretrain",) if base_cfg.pretrain.enabled else ()):
         run_stage(root, stage, force=False, stage_seconds=stage_seconds)
     results = []
@@ -346,9 +408,10 @@ def run_ablation(root, base_cfg: RunConfig, variants: Sequence[Variant], force: 
         log(f"[ablation] {variant.name}: seed mIoU {result['seed_miou']:.2f} at threshold "
             f"{result['best_threshold']:.2f}, training {result['train_seconds']:.0f} s")
         results.append(result)
-    results = completed_results(root.run_dir, base_cfg, results)
+    results = completed_results(root.run_dir, base_cfg, results, seeds)
     from hsc_fast.engine.runlog import git_sha
     meta = {"command": command, "dataset": root.data.name, "budget": budget_text(base_cfg), "git_commit": git_sha(),
+            "seeds": seeds, "synth": dict(root.synth) if root.data.name.startswith("synthetic") else None,
             "machine": f"start: {machine_start}; end: {machine_text()}",
             "total_seconds": time.perf_counter() - t0,
             "note": "total_seconds covers this invocation only (skipped variants cost nothing)"}

@@ -157,6 +157,7 @@ def stage_sweep(ctx: Context) -> dict:
     job.overlays = 8
     run_label_stage(job, seeds=True, crf=False)
     ctx.summary.update(seed_miou=result["best"]["miou"], seed_best_threshold=result["best"]["threshold"],
+                       seed_sweep_range=result["sweep"]["range"], seed_sweep_extensions=result["sweep"]["extensions"],
                        seed_split=f"{ctx.data.name} {ctx.data.list_path('eval').stem} ({result['n_images']} images)")
     return {"sweep": "seeds/sweep.json", "best": result["best"]}
 
@@ -164,15 +165,19 @@ def stage_sweep(ctx: Context) -> dict:
 def stage_crf(ctx: Context) -> dict:
     """CRF pseudo-labels for the whole training list; evaluated on the evaluation list."""
     from hsc_fast.eval.evaluate import evaluate, write_outputs
-    from hsc_fast.eval.seeds import run_label_stage
+    from hsc_fast.eval.seeds import run_label_stage, sweep_alpha
     job = _seed_job(ctx, ctx.ids("train"))
     job.overlays = 8
+    if ctx.cfg.seeds.crf.alpha == "auto":  # the alpha sweep on the evaluation list (it has masks)
+        sweep_alpha(job, ctx.data.gt_dir, ctx.ids("eval"))
     run_label_stage(job, seeds=False, crf=True)
     result = evaluate(ctx.data.gt_dir, pred_dir=ctx.path("seeds", "pseudo_labels"), ids=ctx.ids("eval"),
                       workers=ctx.workers)
+    alpha = json.loads(ctx.path("seeds", "crf_params.json").read_text())["alpha"]
+    result = dict(result, crf_alpha=alpha)
     if ctx.rank == 0:
         write_outputs(result, ctx.path("seeds", "crf_eval.json"))
-    ctx.summary.update(crf_miou=result["miou"],
+    ctx.summary.update(crf_miou=result["miou"], crf_alpha=round(alpha, 4),
                        crf_split=f"{ctx.data.name} {ctx.data.list_path('eval').stem} ({result['n_images']} images)")
     return {"pseudo_labels": "seeds/pseudo_labels", "miou": result["miou"]}
 

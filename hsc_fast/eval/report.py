@@ -14,6 +14,7 @@ from typing import Optional
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 HEADLINES = (("seed_miou", "Seeds (best background threshold)"), ("crf_miou", "Seeds + CRF (pseudo-labels)"),
+             ("mask_miou", "Masks (PSA / AffinityNet random walk)"),
              ("deeplab_miou", "DeepLab"), ("deeplab_crf_miou", "DeepLab + CRF"))
 
 
@@ -61,6 +62,7 @@ def collect(run_dir: Path) -> dict:
     summary = _load_json(run_dir / "summary.json") or {}
     evals = {}
     for label, rel in (("seeds", summary.get("seed_eval")), ("seeds+CRF", summary.get("crf_eval")),
+                       ("Masks", summary.get("mask_eval")),
                        ("DeepLab", summary.get("deeplab_eval")), ("DeepLab+CRF", summary.get("deeplab_crf_eval"))):
         result = _load_json(run_dir / rel) if rel else None
         if result:
@@ -82,6 +84,21 @@ def backbone_lines(summary: dict) -> list[str]:
             for key, value in sorted(summary.items()) if key.startswith("pretrain_") and key.endswith("_top1")]
 
 
+def stage_lines(summary: dict) -> list[str]:
+    """How the seeds and the CRF were chosen: the best threshold (and the sweep's extensions),
+    the CRF background alpha."""
+    out = []
+    if "seed_best_threshold" in summary:
+        line = f"Best background threshold: {summary['seed_best_threshold']:.2f}"
+        if summary.get("seed_sweep_extensions"):
+            line += (f" (the sweep peaked at an end and was extended to {summary['seed_sweep_range']}: "
+                     f"{', '.join(summary['seed_sweep_extensions'])})")
+        out.append(line)
+    if "crf_alpha" in summary:
+        out.append(f"CRF background (1 - max fg)^alpha with alpha {summary['crf_alpha']:g}")
+    return out
+
+
 def render_markdown(info: dict) -> str:
     s = info["summary"]
     lines = ["# hsc-fast run report", ""]
@@ -91,8 +108,7 @@ def render_markdown(info: dict) -> str:
     for key, title in HEADLINES:
         if key in s:
             lines.append(f"| {title} | {_pct(s[key])} | {s.get(key.replace('miou', 'split'), '')} |")
-    if "seed_best_threshold" in s:
-        lines += ["", f"Best background threshold: {s['seed_best_threshold']:.2f}"]
+    lines += [""] + [f"{line}  " for line in stage_lines(s)]
     for line in backbone_lines(s):
         lines += ["", line]
     lines += ["", "## Stage times", "", "| stage | seconds |", "|---|---|"]
@@ -116,7 +132,7 @@ def render_html(info: dict) -> str:
              "</head><body><h1>hsc-fast run report</h1>"]
     rows = [["stage", "mIoU (%)"]] + [[t, _pct(s[k])] for k, t in HEADLINES if k in s]
     parts += ["<h2>Headline</h2>", _html_table(rows)]
-    parts += [f"<p>{html.escape(line)}</p>" for line in backbone_lines(s)]
+    parts += [f"<p>{html.escape(line)}</p>" for line in stage_lines(s) + backbone_lines(s)]
     times = [["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in s.get("stage_seconds", {}).items()]
     parts += ["<h2>Stage times</h2>", _html_table(times)]
     if info["curve"]:

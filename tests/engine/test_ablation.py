@@ -188,3 +188,47 @@ def test_final_loss_averages_the_last_rows(tmp_path):
     assert A.final_loss(csv_path, "cls", last=2) == pytest.approx(1.5)
     assert A.final_loss(csv_path, "cls", last=10) == pytest.approx(8.0 / 3)
     assert A.final_loss(tmp_path / "missing.csv") is None
+
+
+def test_seeds_train_each_row_n_times_and_the_table_shows_mean_and_std(tmp_path, base_cfg, monkeypatch):
+    import hsc_fast.engine.pipeline as P
+    monkeypatch.setattr(P, "run_stage", lambda ctx, stage, force, stage_seconds: None)
+    ran = []
+    by_seed = {"seam": [40.0, 42.0, 44.0], "hsc_seam": [45.0, 45.0, 48.0]}   # seed mIoU per train.seed offset
+
+    def fake_run_variant(root, variant, cfg, digest, force):
+        k = cfg.train.seed - base_cfg.train.seed
+        ran.append((variant.name, k))
+        result = A.make_result(variant, _stages(by_seed[variant.replicate_of or variant.name][k], 0.2, 5.0), digest,
+                               cfg.train.max_steps)
+        write_json(A.result_path(root.run_dir, variant), result)
+        return result
+
+    monkeypatch.setattr(A, "run_variant", fake_run_variant)
+    root = _root(tmp_path, base_cfg)
+    A.run_ablation(root, base_cfg, A.select_variants("seam,hsc_seam"), seeds=3, log=lambda *_: None)
+    assert ran == [("seam", 0), ("seam_s1", 1), ("seam_s2", 2), ("hsc_seam", 0), ("hsc_seam_s1", 1), ("hsc_seam_s2", 2)]
+    data = json.loads((tmp_path / "ablation.json").read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows["seam"]["seed_miou"] == pytest.approx(42.0) and rows["seam"]["seed_miou_std"] == pytest.approx(2.0)
+    assert rows["hsc_seam"]["seed_miou"] == pytest.approx(46.0)
+    assert rows["hsc_seam"]["seed_miou_std"] == pytest.approx(3 ** 0.5)          # sample std of 45, 45, 48
+    assert data["gains"] == {"hsc_seam": 4.0} and data["seeds"] == 3
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| 42.00 ± 2.00 (n=3) |" in md and "| 46.00 ± 1.73 (n=3) | +4.00 |" in md
+    # all six runs are complete: a second invocation trains nothing; --seeds 1 reuses seed 0 only
+    A.run_ablation(root, base_cfg, A.select_variants("seam,hsc_seam"), seeds=3, log=lambda *_: None)
+    A.run_ablation(root, base_cfg, A.select_variants("seam,hsc_seam"), seeds=1, log=lambda *_: None)
+    assert len(ran) == 6
+    assert json.loads((tmp_path / "ablation.json").read_text())["gains"] == {"hsc_seam": 5.0}
+    with pytest.raises(ConfigError, match="--seeds 0"):
+        A.run_ablation(root, base_cfg, A.select_variants("seam"), seeds=0, log=lambda *_: None)
+
+
+def test_another_synthetic_set_size_needs_another_run_dir(tmp_path, base_cfg):
+    root = _root(tmp_path, base_cfg)
+    write_json(tmp_path / "stages" / "synth.json", {"stage": "synth", "outputs": {"n_train": 300}})
+    A.check_synth_size(root)                       # the size it was made with
+    root.synth = dict(root.synth, n_train=600)
+    with pytest.raises(ConfigError, match="has 300 training images, not 600"):
+        A.check_synth_size(root)
