@@ -261,6 +261,27 @@ class SeedConfig:
 
 
 @dataclass
+class RefineConfig:
+    method: str = _f("none", "pipeline stage 'refine' between the CRF and DeepLab: none (DeepLab trains on the CRF "
+                             "pseudo-labels) | psa (AffinityNet + random walk, Ahn & Kwak 2018: the paper's 'Masks')")
+    alpha_low: float = _f(4.0, "affinity labels: CRF background alpha giving the confident foreground (PSA's la)")
+    alpha_high: float = _f(32.0, "affinity labels: CRF background alpha giving the confident background (PSA's ha)")
+    radius: int = _f(5, "affinity pairs within this radius at feature resolution (stride 8)")
+    backbone: str = _f("", "AffinityNet backbone: '' = model.backbone (initialised from the CAM network's)")
+    feat_dim: int = _f(448, "affinity feature channels")
+    batch_size: int = _f(8, "images per rank per step")
+    crop_size: int = _f(448, "training crop (pad image 0, label 255)")
+    scale_range: list = _f([0.7, 1.3], "random scale range (PSA: long side 448-768 of 448 crops)")
+    lr: float = _f(0.1, "base learning rate (x10 for the new layers), poly decay")
+    weight_decay: float = _f(1e-4, "weight decay")
+    max_steps: int = _f(8000, "optimiser steps (PSA: 8 epochs of train_aug at batch 8)")
+    save_every: int = _f(1000, "checkpoint every N steps")
+    beta: float = _f(8.0, "random walk: affinity power")
+    logt: int = _f(8, "random walk: log2 of the number of steps")
+    bg_alpha: float = _f(16.0, "random walk: CAM background (1 - max fg)^alpha before the walk")
+
+
+@dataclass
 class DeeplabConfig:
     backbone: str = _f("resnet101", "resnet101 | resnet50 | resnet18 (dilated OS 8)")
     head: str = _f("v2", "v2 (ASPP 6/12/18/24 summed) | v3 (ASPP + image pooling)")
@@ -291,6 +312,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seeds: SeedConfig = field(default_factory=SeedConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     deeplab: DeeplabConfig = field(default_factory=DeeplabConfig)
     preset: str = field(default="", metadata={"help": "name of the preset this config came from"})
 
@@ -469,6 +491,8 @@ _CHOICES = {
     "pretrain.precision": ("auto", "fp32", "bf16"),
     "pretrain.ranks": ("auto", "all", "main"),
     "deeplab.backbone": ("resnet101", "resnet50", "resnet18"),
+    "refine.method": ("none", "psa"),
+    "refine.backbone": ("", "resnet38", "resnet50", "resnet18"),
     "deeplab.head": ("v2", "v3"),
 }
 

@@ -133,63 +133,41 @@ def build_train_set(cfg: RunConfig, images: str, labels_dir: str, train_ids: Seq
 
 
 # ---------------------------------------------------------------------------------- trainer
-class DeeplabTrainer(StepLoop):
-    """DeepLab + SGD + poly schedule in a DeepSpeed engine; steps, checkpoints, metrics."""
+class LabelMapLoop(StepLoop):
+    """The StepLoop of a network trained on (image, label map) pairs of a SegTrainSet: DeepLab on
+    pseudo-labels, AffinityNet (engine.refine) on affinity labels. A subclass sets `dataset`,
+    `batch_size`, `kind` (checkpoint kind, log title) and implements `micro_losses`."""
+    kind = "deeplab"
+    title = "DeepLab"
 
-    def __init__(self, cfg: RunConfig, run_dir, info: D.DistInfo, dataset: Optional[SegTrainSet],
-                 ds_config: Optional[dict] = None, log: Optional[RunLog] = None):
-        from hsc_fast.models.deeplab import build_deeplab
-
-        check_deeplab_config(cfg)
-        self.dataset = dataset
-        self._setup(cfg, run_dir, info, ds_config if ds_config is not None else deeplab_ds_config(cfg, info.world_size),
-                    log)
-        model = build_deeplab(cfg.deeplab)  # WeightsError when the ImageNet file is absent
-        model.to(self.device).train()       # train() freezes the backbone BatchNorm first
-        self._wrap_engine(model, deeplab_optim_config(cfg))
-        self.autocast = bool(cfg.train.bf16_autocast and self.device.type == "cuda" and not self.engine_bf16)
-        self._seed_rank_streams()  # v3 dropout
-
-    # -- one optimiser step ----------------------------------------------------------------------
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         img = batch["img"].to(self.device, non_blocking=True)
         if self.engine_bf16:
             img = img.to(torch.bfloat16)
         return img, batch["label"].to(self.device, non_blocking=True)
 
-    def batch_loss(self, batch: dict) -> torch.Tensor:
-        img, label = self._to_device(batch)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
-        with amp:
-            logits = self.engine(img)
-        return pixel_cross_entropy(logits, label)
-
-    def micro_losses(self, raw: dict, step_no: int, last: bool) -> tuple[dict, int]:
-        """The pixel cross-entropy of one micro-batch (StepLoop.train_step: the non-finite guard)."""
-        return {"total": self.batch_loss(raw)}, int(raw["img"].shape[0])
-
     # -- checkpoints (StepLoop.save / load) -------------------------------------------------------
     def _checkpoint_extra(self) -> dict:
-        return {"kind": "deeplab"}
+        return {"kind": self.kind}
 
     def _restore_extra(self, shared: dict, ckpt_dir: Path) -> None:
-        if shared.get("kind") != "deeplab":
-            raise WeightsError(f"checkpoint {ckpt_dir}: not a DeepLab checkpoint (a CAM run's?)")
+        if shared.get("kind") != self.kind:
+            raise WeightsError(f"checkpoint {ckpt_dir}: not a {self.title} checkpoint (kind {shared.get('kind')!r})")
 
     # -- the loop (StepLoop.fit) ---------------------------------------------------------------------
     def fit(self, max_steps: int, save_every: int, resume_from: Optional[Path] = None,
             heartbeat: Optional[D.Heartbeat] = None) -> dict:
         if self.dataset is None:
-            raise TrainingError("DeeplabTrainer.fit: no training dataset")
+            raise TrainingError(f"{type(self).__name__}.fit: no training dataset")
         return super().fit(max_steps, save_every, resume_from, heartbeat)
 
     def make_stream(self) -> BatchStream:
-        return BatchStream(self.dataset, self.cfg.deeplab.batch_size, self.info.rank, self.info.world_size,
+        return BatchStream(self.dataset, self.batch_size, self.info.rank, self.info.world_size,
                            self.cfg.train.seed, self.cfg.data.workers, self.device.type == "cuda",
                            self.state.epoch, self.state.batches_in_epoch)
 
     def _nonfinite_message(self, result: StepResult, path: Path) -> str:
-        return (f"DeepLab loss was non-finite for {self.state.nonfinite_in_a_row} steps in a row (up to step "
+        return (f"{self.title} loss was non-finite for {self.state.nonfinite_in_a_row} steps in a row (up to step "
                 f"{self.state.step}); train.max_nonfinite={self.cfg.train.max_nonfinite}. The weights of the "
                 f"last finite step are saved in {path}")
 
@@ -201,14 +179,44 @@ class DeeplabTrainer(StepLoop):
 
     def _record(self, result: StepResult, stream: BatchStream, seconds: float, heartbeat) -> None:
         st = self.state
-        self._count_nonfinite(result.nonfinite, "DeepLab loss")
+        self._count_nonfinite(result.nonfinite, f"{self.title} loss")
         world = self.info.world_size
-        glob = self._guarded(lambda: D.all_reduce_mean(
-            {"loss": result.terms["total"], "_images": float(result.images) * world}, self.device), heartbeat)
+        local = {k: v for k, v in result.terms.items()} | {"_images": float(result.images) * world}
+        glob = self._guarded(lambda: D.all_reduce_mean(local, self.device), heartbeat)
         if self.log is None:
             return
-        row = {"step": st.step, "epoch": st.epoch, "lr": result.lr, "loss": glob["loss"]}
-        self._log_step(row, glob["_images"], 0, seconds)
+        images = glob.pop("_images")
+        row = {"step": st.step, "epoch": st.epoch, "lr": result.lr, "loss": glob.pop("total"), **glob}
+        self._log_step(row, images, 0, seconds)
+
+
+class DeeplabTrainer(LabelMapLoop):
+    """DeepLab + SGD + poly schedule in a DeepSpeed engine; steps, checkpoints, metrics."""
+
+    def __init__(self, cfg: RunConfig, run_dir, info: D.DistInfo, dataset: Optional[SegTrainSet],
+                 ds_config: Optional[dict] = None, log: Optional[RunLog] = None):
+        from hsc_fast.models.deeplab import build_deeplab
+
+        check_deeplab_config(cfg)
+        self.dataset, self.batch_size = dataset, cfg.deeplab.batch_size
+        self._setup(cfg, run_dir, info, ds_config if ds_config is not None else deeplab_ds_config(cfg, info.world_size),
+                    log)
+        model = build_deeplab(cfg.deeplab)  # WeightsError when the ImageNet file is absent
+        model.to(self.device).train()       # train() freezes the backbone BatchNorm first
+        self._wrap_engine(model, deeplab_optim_config(cfg))
+        self.autocast = bool(cfg.train.bf16_autocast and self.device.type == "cuda" and not self.engine_bf16)
+        self._seed_rank_streams()  # v3 dropout
+
+    def batch_loss(self, batch: dict) -> torch.Tensor:
+        img, label = self._to_device(batch)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with amp:
+            logits = self.engine(img)
+        return pixel_cross_entropy(logits, label)
+
+    def micro_losses(self, raw: dict, step_no: int, last: bool) -> tuple[dict, int]:
+        """The pixel cross-entropy of one micro-batch (StepLoop.train_step: the non-finite guard)."""
+        return {"total": self.batch_loss(raw)}, int(raw["img"].shape[0])
 
 
 # ------------------------------------------------------------------------------- public API

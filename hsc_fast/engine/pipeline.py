@@ -1,5 +1,6 @@
 """The whole HSC pipeline under one launcher: shard -> (SynthNet pretraining) -> train CAM -> CAMs
--> sweep -> CRF pseudo-labels -> DeepLab -> evaluation -> report, in one run directory.
+-> sweep -> CRF pseudo-labels -> (PSA refinement: Masks) -> DeepLab -> evaluation -> report, in one
+run directory.
 
 Every rank of a `deepspeed` / `torchrun` / `python` start runs this module; the process group is
 created once here and joined by the stages. Stages talk through files (shards, checkpoints, CAM
@@ -14,6 +15,7 @@ Layout of RUN_DIR:
     pretrain/         SynthNet backbone weights (pretrain.enabled: the demo's stand-in for ImageNet)
     cam/              CAM training run (config.yaml, metrics.csv, checkpoints/, final/model.pt)
     seeds/            cam_npy/, sweep.json(+png), seeds/, pseudo_labels/, overlays/, crf_eval.json
+    refine/           aff_labels/, affinity/ (AffinityNet run), masks/, mask_eval.json (refine.method psa)
     deeplab/          DeepLab run (checkpoints, final/model.pt, pred/, eval.json)
     stages/*.json     completion markers with wall times
     summary.json, report.md, report.html
@@ -30,7 +32,8 @@ from hsc_fast.io import write_json
 from hsc_fast.config import RunConfig
 from hsc_fast.errors import ConfigError, HscError
 
-STAGES = ("synth", "shard", "pretrain", "train_cam", "cam", "sweep", "crf", "deeplab", "deeplab_eval", "report")
+STAGES = ("synth", "shard", "pretrain", "train_cam", "cam", "sweep", "crf", "refine", "deeplab", "deeplab_eval",
+          "report")
 MAIN_ONLY = {"synth", "shard", "report"}
 
 
@@ -182,10 +185,39 @@ def stage_crf(ctx: Context) -> dict:
     return {"pseudo_labels": "seeds/pseudo_labels", "miou": result["miou"]}
 
 
+def stage_refine(ctx: Context) -> dict:
+    """refine.method psa: affinity labels -> AffinityNet -> random-walk Masks (engine.refine),
+    evaluated on the evaluation list. refine.method none: nothing (DeepLab takes the CRF labels)."""
+    if ctx.cfg.refine.method == "none":
+        return {"method": "none"}
+    from hsc_fast.engine import refine as R
+    from hsc_fast.eval.evaluate import evaluate, write_outputs
+    data, cams, train_ids = shard_index(ctx), ctx.path("seeds", "cam_npy"), ctx.ids("train")
+    R.make_affinity_labels(ctx.cfg, data, cams, ctx.path("refine", R.AFF_LABELS), train_ids, workers=ctx.workers,
+                           progress=ctx.progress)
+    aff = R.train_affinity(ctx.cfg, ctx.path("refine", R.AFFINITY), images=data,
+                           labels_dir=ctx.path("refine", R.AFF_LABELS), train_ids=train_ids, cam_run=ctx.path("cam"),
+                           progress=ctx.progress)
+    model = R.load_affinity_net(ctx.cfg, ctx.path("refine", R.AFFINITY), ctx.device)
+    R.random_walk_masks(ctx.cfg, model, data, cams, ctx.path("refine", R.MASKS), train_ids, device=ctx.device,
+                        progress=ctx.progress)
+    result = evaluate(ctx.data.gt_dir, pred_dir=ctx.path("refine", R.MASKS), ids=ctx.ids("eval"), workers=ctx.workers)
+    if ctx.rank == 0:
+        write_outputs(result, ctx.path("refine", "mask_eval.json"))
+    ctx.summary.update(mask_miou=result["miou"], mask_eval="refine/mask_eval.json",
+                       mask_split=f"{ctx.data.name} {ctx.data.list_path('eval').stem} ({result['n_images']} images)")
+    return {"method": "psa", "masks": "refine/masks", "miou": result["miou"], "affinity": aff}
+
+
+def deeplab_labels(ctx: Context) -> Path:
+    """DeepLab's training labels: the Masks when the refine stage made them, else the CRF labels."""
+    return ctx.path("refine", "masks") if ctx.cfg.refine.method != "none" else ctx.path("seeds", "pseudo_labels")
+
+
 def stage_deeplab(ctx: Context) -> dict:
     from hsc_fast.engine.deeplab_trainer import train_deeplab
     summary = train_deeplab(ctx.cfg, ctx.path("deeplab"), images=shard_index(ctx),
-                            labels_dir=str(ctx.path("seeds", "pseudo_labels")), train_ids=ctx.ids("train"),
+                            labels_dir=str(deeplab_labels(ctx)), train_ids=ctx.ids("train"),
                             resume="auto", progress=ctx.progress)
     return {"final": str(ctx.path("deeplab", "final", "model.pt")), "summary": summary}
 
@@ -210,7 +242,8 @@ def stage_report(ctx: Context) -> dict:
 
 STAGE_FUNCS: dict[str, Callable[[Context], dict]] = {
     "synth": stage_synth, "shard": stage_shard, "pretrain": stage_pretrain, "train_cam": stage_train_cam, "cam": stage_cam,
-    "sweep": stage_sweep, "crf": stage_crf, "deeplab": stage_deeplab, "deeplab_eval": stage_deeplab_eval,
+    "sweep": stage_sweep, "crf": stage_crf, "refine": stage_refine, "deeplab": stage_deeplab,
+    "deeplab_eval": stage_deeplab_eval,
     "report": stage_report,
 }
 

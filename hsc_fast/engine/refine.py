@@ -1,0 +1,222 @@
+"""Pipeline stage ``refine`` (``refine.method: psa``): seeds -> "Masks" with PSA's AffinityNet
+(Ahn & Kwak, CVPR 2018), the third column of the HSC paper's Table 1.
+
+1. **Affinity labels** (``make_affinity_labels``): per training image, the CAMs through the dense
+   CRF with a low and a high background alpha (``refine.alpha_low`` / ``alpha_high``): confident
+   foreground, confident background, the rest 255 (hsc_fast.eval.affinity_labels) ->
+   ``RUN/refine/aff_labels/{id}.png``.
+2. **AffinityNet** (``train_affinity``): the CAM network's backbone (its trained weights) with the
+   affinity head (hsc_fast.models.affinity), trained on pixel pairs within ``refine.radius`` at
+   stride 8 with PSA's balanced loss, in the same DeepSpeed step loop as CAM and DeepLab training
+   (non-finite guard, checkpoints, resume, metrics) -> ``RUN/refine/affinity/``.
+3. **Random walk** (``random_walk_masks``): each image's CAMs at feature resolution, background
+   (1 - max fg)^``bg_alpha``, propagated 2^``logt`` steps with the transition of the learned
+   affinities raised to ``beta`` (hsc_fast.ops.random_walk: banded, batched on the device),
+   upsampled, argmax -> ``RUN/refine/masks/{id}.png``, DeepLab's training labels.
+
+Every step is resumable: finished PNGs are skipped, training resumes from its checkpoints; ranks
+split the ids of steps 1 and 3 (ids[r::W]).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from hsc_fast import checkpoint as ckpt
+from hsc_fast import distributed as D
+from hsc_fast import io
+from hsc_fast.config import OptimConfig, RunConfig
+from hsc_fast.engine.deeplab_trainer import LabelMapLoop, deeplab_ds_config
+from hsc_fast.engine.runlog import RunLog
+from hsc_fast.engine.session import training_session
+from hsc_fast.errors import ConfigError, DataError, WeightsError
+
+AFF_LABELS, AFFINITY, MASKS = "aff_labels", "affinity", "masks"
+FEATURE_STRIDE = 8
+
+
+def check_refine_config(cfg: RunConfig) -> None:
+    r = cfg.refine
+    for name in ("radius", "feat_dim", "batch_size", "crop_size", "max_steps", "save_every"):
+        if getattr(r, name) <= 0:
+            raise ConfigError(f"config key 'refine.{name}': must be positive, got {getattr(r, name)}")
+    if not 0 < r.alpha_low < r.alpha_high:
+        raise ConfigError(f"config keys 'refine.alpha_low' / 'refine.alpha_high': expected 0 < low < high, got "
+                          f"{r.alpha_low} / {r.alpha_high}")
+    if r.logt < 0 or r.beta <= 0 or r.bg_alpha <= 0:
+        raise ConfigError("config keys 'refine.logt' >= 0, 'refine.beta' > 0, 'refine.bg_alpha' > 0 expected")
+    if len(r.scale_range) != 2 or not 0 < r.scale_range[0] <= r.scale_range[1]:
+        raise ConfigError(f"config key 'refine.scale_range': expected [min, max] with 0 < min <= max, got {r.scale_range}")
+
+
+def refine_backbone(cfg: RunConfig) -> str:
+    return cfg.refine.backbone or cfg.model.backbone
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or None)
+
+
+def _write_png(path: Path, label: np.ndarray) -> None:
+    from hsc_fast.data.voc import encode_label_png
+    io.atomic_write_bytes(path, encode_label_png(np.asarray(label, np.uint8)))
+
+
+# --------------------------------------------------------------------------- 1. affinity labels
+def make_affinity_labels(cfg: RunConfig, data: str, cam_dir, out_dir, ids: Sequence[str], *, workers: int = 0,
+                         progress: bool = False) -> int:
+    """RUN/refine/aff_labels/{id}.png for this rank's share of `ids` (existing files skipped)."""
+    from hsc_fast.eval.affinity_labels import affinity_label_map
+    from hsc_fast.eval.seeds import _read_cams_for, open_samples, pending_ids, split_ids
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = pending_ids(split_ids(list(ids), D.get_rank(), D.world_size()), [(out_dir, ("png",))])
+    bar = _bar(len(todo), "affinity labels", progress)
+    n = 0
+    for s in open_samples(data, todo, workers=workers):
+        keys, cams = _read_cams_for(cam_dir, s)
+        # PSA's CRF (10 iterations, 3/3 + 80/13/10) at image resolution; the trainer pools labels to stride 8
+        label = affinity_label_map(s.image, cams, keys, alpha_low=cfg.refine.alpha_low,
+                                   alpha_high=cfg.refine.alpha_high, backend=cfg.seeds.crf.backend)
+        _write_png(out_dir / f"{s.key}.png", label)
+        n += 1
+        bar.update(1)
+    bar.close()
+    D.barrier()
+    return n
+
+
+# ------------------------------------------------------------------------------ 2. AffinityNet
+def affinity_optim_config(cfg: RunConfig) -> OptimConfig:
+    """PSA's recipe: SGD (momentum 0.9), poly over refine.max_steps; x10 lr for the new layers."""
+    r = cfg.refine
+    return OptimConfig(lr=r.lr, weight_decay=r.weight_decay, momentum=0.9, official_momentum_quirk=False,
+                       poly_power=0.9, poly_steps=r.max_steps)
+
+
+def cam_backbone_state(cam_run) -> dict:
+    """The trained CAM network's state dict (RUN/cam/final/model.pt or its newest checkpoint)."""
+    from hsc_fast.engine.deeplab_trainer import resolve_model_file
+    path, key = resolve_model_file(cam_run, None)
+    state = ckpt.safe_load(path)
+    state = state.get(key) if key else state
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected the CAM network's state dict")
+    return state
+
+
+class AffinityTrainer(LabelMapLoop):
+    """AffinityNet + SGD + poly schedule in a DeepSpeed engine, on (image, affinity label) pairs."""
+    kind = "affinity"
+    title = "AffinityNet"
+
+    def __init__(self, cfg: RunConfig, run_dir, info: D.DistInfo, dataset, init_state: Optional[dict],
+                 ds_config: Optional[dict] = None, log: Optional[RunLog] = None):
+        from hsc_fast.models.affinity import build_affinity_net
+        check_refine_config(cfg)
+        self.dataset, self.batch_size = dataset, cfg.refine.batch_size
+        self._setup(cfg, run_dir, info, ds_config if ds_config is not None else
+                    affinity_ds_config(cfg, info.world_size), log)
+        model = build_affinity_net(refine_backbone(cfg), width_div=cfg.model.width_div, feat_dim=cfg.refine.feat_dim,
+                                   weights_state_dict=init_state)
+        model.to(self.device).train()
+        self._wrap_engine(model, affinity_optim_config(cfg))
+        self._seed_rank_streams()
+
+    def micro_losses(self, raw: dict, step_no: int, last: bool) -> tuple[dict, int]:
+        """PSA's balanced pair loss of one micro-batch: bg-pos/4 + fg-pos/4 + neg/2."""
+        from hsc_fast.losses.affinity import affinity_loss, affinity_targets, downsample_labels
+        from hsc_fast.ops.random_walk import pairwise_affinity
+        img, label = self._to_device(raw)
+        feats = self.engine(img).float()
+        small = downsample_labels(label, tuple(feats.shape[-2:]), stride=FEATURE_STRIDE)  # most frequent per 8x8
+        total, parts = affinity_loss(pairwise_affinity(feats, self.cfg.refine.radius),
+                                     affinity_targets(small, self.cfg.refine.radius))
+        terms = {k: v for k, v in parts.items() if not k.endswith("_count")}   # bg, fg, neg
+        return {**terms, "total": total}, int(img.shape[0])
+
+
+def affinity_ds_config(cfg: RunConfig, world_size: int, path: Optional[str] = None) -> dict:
+    import dataclasses
+    as_dl = dataclasses.replace(cfg, deeplab=dataclasses.replace(cfg.deeplab, batch_size=cfg.refine.batch_size))
+    return deeplab_ds_config(as_dl, world_size, path)
+
+
+def build_affinity_train_set(cfg: RunConfig, images: str, labels_dir, train_ids: Sequence[str]):
+    from hsc_fast.data.seg_set import SegTrainSet, missing_labels, open_image_reader
+    missing = missing_labels(str(labels_dir), train_ids)
+    if missing:
+        raise DataError(f"{len(missing)} training id(s) have no affinity label in {labels_dir}: e.g. {missing[:5]}")
+    r = cfg.refine
+    return SegTrainSet(train_ids, open_image_reader(images, cfg.data.sbd_root), str(labels_dir), crop=r.crop_size,
+                       scale_range=r.scale_range, flip=True, seed=cfg.train.seed)
+
+
+def train_affinity(cfg: RunConfig, run_dir, *, images: str, labels_dir, train_ids: Sequence[str], cam_run,
+                   resume: str = "auto", progress: bool = True, local_rank: Optional[int] = None) -> dict:
+    """Train AffinityNet from the CAM run's backbone; joins an existing process group or makes one."""
+    check_refine_config(cfg)
+    init_state = cam_backbone_state(cam_run)
+    env = {"stage": "affinity", "images": str(images), "labels_dir": str(labels_dir), "n_train_ids": len(train_ids)}
+    with training_session(cfg, Path(run_dir), stage="affinity", resume=resume, max_steps=cfg.refine.max_steps,
+                          ds_config=lambda world: affinity_ds_config(cfg, world), local_rank=local_rank,
+                          progress=progress, env=env, title="AffinityNet ") as session:
+        dataset = build_affinity_train_set(cfg, images, labels_dir, train_ids)
+        return session.run(lambda s: AffinityTrainer(cfg, run_dir, s.info, dataset, init_state, s.ds_config, s.log),
+                           cfg.refine.save_every)
+
+
+def load_affinity_net(cfg: RunConfig, run_dir, device) -> torch.nn.Module:
+    from hsc_fast.engine.deeplab_trainer import resolve_model_file
+    from hsc_fast.models.affinity import build_affinity_net
+    path, key = resolve_model_file(run_dir, None)
+    state = ckpt.safe_load(path)
+    state = state.get(key) if key else state
+    model = build_affinity_net(refine_backbone(cfg), width_div=cfg.model.width_div, feat_dim=cfg.refine.feat_dim)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
+        raise WeightsError(f"{path}: does not fit AffinityNet({refine_backbone(cfg)}): {str(e)[:300]}") from e
+    return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------ 3. random walk
+@torch.no_grad()
+def walk_one(model: torch.nn.Module, image: np.ndarray, keys: np.ndarray, cams: np.ndarray, cfg: RunConfig,
+             device) -> np.ndarray:
+    """uint8 (H, W) VOC labels: the CAMs (with PSA's background) propagated by the random walk
+    on the image's learned affinities, upsampled to the image, argmax."""
+    from hsc_fast.data.seg_set import normalize_image
+    from hsc_fast.ops.random_walk import pairwise_affinity, random_walk_cams
+    h, w = image.shape[:2]
+    if len(keys) == 0:
+        return np.zeros((h, w), np.uint8)
+    feats = model(normalize_image(image).unsqueeze(0).to(device)).float()
+    cam = torch.from_numpy(np.asarray(cams, np.float32)).unsqueeze(0).to(device)      # (1, K, H, W)
+    walked = random_walk_cams(cam, pairwise_affinity(feats, cfg.refine.radius), alpha=cfg.refine.bg_alpha,
+                              beta=cfg.refine.beta, logt=cfg.refine.logt, stride=FEATURE_STRIDE)[0]
+    voc_ids = np.concatenate([[0], np.asarray(keys, np.int64) + 1]).astype(np.uint8)   # bg first
+    return voc_ids[walked.argmax(0).cpu().numpy()]
+
+
+def random_walk_masks(cfg: RunConfig, model: torch.nn.Module, data: str, cam_dir, out_dir, ids: Sequence[str], *,
+                      device, workers: int = 0, progress: bool = False) -> int:
+    """RUN/refine/masks/{id}.png for this rank's share of `ids` (existing files skipped)."""
+    from hsc_fast.eval.seeds import _read_cams_for, open_samples, pending_ids, split_ids
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = pending_ids(split_ids(list(ids), D.get_rank(), D.world_size()), [(out_dir, ("png",))])
+    bar = _bar(len(todo), "random walk", progress)
+    n = 0
+    for s in open_samples(data, todo, workers=workers):
+        keys, cams = _read_cams_for(cam_dir, s)
+        _write_png(out_dir / f"{s.key}.png", walk_one(model, s.image, keys, cams, cfg, device))
+        n += 1
+        bar.update(1)
+    bar.close()
+    D.barrier()
+    return n
