@@ -11,7 +11,13 @@ import sys
 
 from hsc_fast.cli.common import add_progress_flag, with_exit_codes
 from hsc_fast.data.voc import read_id_list
-from hsc_fast.eval.evaluate import _dist_rank_world, evaluate, format_table, write_outputs
+from hsc_fast.eval.evaluate import AVERAGES, _dist_rank_world, evaluate, format_table, write_outputs
+
+AVERAGE_HELP = (
+    "mIoU rule. present (default): the mean IoU over the classes that occur in the ground truth or the "
+    "prediction. all: the authors' rule (SEAM / PSA / HSC evaluation.py): the mean over all 21 classes, "
+    "a class in neither counting 0. Equal when every class occurs (all of VOC train or val); on a short "
+    "list 'all' is lower (an image with 3 classes: 3/21 of 'present').")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result here (and the sweep curve as the same name .png)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes (default %(default)s)")
     p.add_argument("--allow-missing", action="store_true",
-                   help="missing prediction = all background; missing ground truth = id skipped")
+                   help="missing prediction = all background; missing ground truth = id skipped (both counts "
+                        "are printed beside the mIoU and kept in the JSON); exit 2 when no id has both "
+                        "a ground truth and a prediction")
+    p.add_argument("--average", default="present", choices=AVERAGES, help=AVERAGE_HELP)
     add_progress_flag(p)
     return p
 
@@ -38,7 +47,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     ids = read_id_list(args.list) if args.list else None
     result = evaluate(args.gt, pred_dir=args.pred, cam_dir=args.cam, ids=ids, thresholds=args.thresholds,
-                      allow_missing=args.allow_missing, workers=args.workers, progress=not args.no_progress)
+                      allow_missing=args.allow_missing, workers=args.workers, progress=not args.no_progress,
+                      average=args.average)
     if _dist_rank_world()[0] == 0:
         print(format_table(result))
         if args.json:
@@ -47,10 +57,15 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: exit 0 when evaluated, 2 on bad input (named in the message)."""
+    """Console entry point: exit 0 when evaluated, 2 on bad input (named in the message), 1 when the
+    evaluation found nothing to evaluate after reading the files (they changed since the pre-check)."""
     from hsc_fast.errors import HscError
+    from hsc_fast.eval.evaluate import NothingEvaluatedError
     try:
         run(argv)
+    except NothingEvaluatedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if e.before_work else 1
     except HscError as e:
         # Every HscError here is bad input (a missing or malformed file), met before any output is written.
         print(f"error: {e}", file=sys.stderr)

@@ -12,9 +12,10 @@ import sys
 from hsc_fast.cli.common import (add_config_args, add_launcher_args, add_progress_flag, check_voc_folder,
                                  stage_exit_status, with_exit_codes)
 from hsc_fast.config import RunConfig, load_config
+from hsc_fast.data import ShardSet, is_shard_source
 from hsc_fast.data.voc import read_id_list
 from hsc_fast.distributed import init_distributed, shutdown
-from hsc_fast.errors import ConfigError, HscError, WeightsError
+from hsc_fast.errors import ConfigError, DataError, HscError, WeightsError
 from hsc_fast.eval.seeds import N_OVERLAYS, SeedJob, run
 from hsc_fast.registry import CRF_BACKENDS
 
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, None, "YAML config or preset (default: RUN_DIR/config.yaml beside the checkpoint)")
     p.add_argument("--checkpoint", help="RUN_DIR (uses RUN_DIR/final/model.pt) or a state_dict .pt")
     p.add_argument("--data", required=True, help="VOC root folder (JPEGImages/) or shards/index.json")
-    p.add_argument("--list", help="ids (default: seeds.eval_list, else <data>/ImageSets/Segmentation/train.txt)")
+    p.add_argument("--list", help="ids (default: seeds.eval_list, else every id of the shard index for shard "
+                                  "data, else <data>/ImageSets/Segmentation/train.txt)")
     p.add_argument("--gt", help="ground-truth PNGs for the sweep/CRF evaluation (default: <data>/SegmentationClass)")
     p.add_argument("--cls-labels", help="image-level labels (.npy/.json) for folder data "
                                         "(default: data.cls_labels, <data>/cls_labels.npy, XML, masks)")
@@ -73,12 +75,29 @@ def _config_from_args(args) -> RunConfig:
 
 def _id_list(args, cfg: RunConfig) -> list[str]:
     path = args.list or cfg.seeds.eval_list
+    if not path and is_shard_source(args.data):
+        return shard_ids(args.data)
     if not path:
         default = Path(args.data) / "ImageSets" / "Segmentation" / "train.txt"
         if not default.is_file():
             raise ConfigError(f"no id list: give --list (or seeds.eval_list); {default} does not exist")
         path = default
     return read_id_list(path)
+
+
+def shard_ids(source: str) -> list[str]:
+    """Every id of a shard source, in index order: the ids its index.json lists per shard (the
+    loader's own ShardSet reads them). ConfigError when there is no index to read them from."""
+    try:
+        ids = ShardSet(source).ids
+    except DataError as e:
+        raise ConfigError(f"--data {source}: {e}") from e
+    if ids is None:
+        raise ConfigError(f"--data {source}: shards without an index.json listing their ids; give --list")
+    flat = [i for shard in ids for i in shard]
+    if not flat:
+        raise ConfigError(f"--data {source}: the shard index lists no ids; give --list")
+    return flat
 
 
 def job_from_args(args) -> SeedJob:

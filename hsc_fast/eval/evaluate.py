@@ -8,8 +8,11 @@ Definitions (those of the VOC benchmark and of the authors' eval.py):
     "void" column for predictions of 255), summed over images; ground-truth 255 pixels are ignored.
     A predicted 255 (an "uncertain" pseudo-label pixel) therefore counts as a miss (FN) of its
     ground-truth class and as nobody's false positive.
-  * IoU_c = TP / (TP + FP + FN); mIoU = mean IoU over the classes that occur in the ground truth or
-    the prediction (on all of VOC train every class occurs, so this is the usual 21-class mean).
+  * IoU_c = TP / (TP + FP + FN). mIoU, ``average="present"`` (the default): the mean IoU over the
+    classes that occur in the ground truth or the prediction. ``average="all"``: the authors' rule
+    (SEAM / PSA / HSC ``evaluation.py``: ``mean_c TP_c / (T_c + P_c - TP_c + 1e-10)`` over all 21
+    classes), so a class in neither counts as 0. The two agree whenever every class occurs (all of
+    VOC train or val); on a small list they differ (one image with 3 classes: 21 / 3 = 7x apart).
   * CAM seeds at threshold t: argmax over [t, CAM_1..CAM_K] with ties going to the background,
     i.e. class argmax_k CAM_k where max_k CAM_k > t, else background (as the authors compute it).
 
@@ -21,7 +24,8 @@ Id list: ``--list`` (plain ids or the SEAM format). Default: the VOC train list,
 ``<gt>/../ImageSets/Segmentation/train.txt`` when it exists, else every ``*.png`` in ``--gt``.
 Missing files raise DataError naming the id; with ``--allow-missing`` an id without a prediction
 counts as an all-background prediction and an id without ground truth is skipped (both counted in
-the JSON as ``n_missing_pred`` / ``n_missing_gt``).
+the JSON as ``n_missing_pred`` / ``n_missing_gt``, beside every mIoU). When no id has both a ground
+truth and a prediction there is nothing to evaluate: NothingEvaluatedError (before any file is read).
 
 CAM files: ``{id}.npy`` (the SEAM/HSC format: a pickled dict {class 0..19 -> (H, W) float}) read
 with a restricted unpickler that rebuilds numpy arrays only (no arbitrary code), or ``{id}.npz``
@@ -48,6 +52,17 @@ from hsc_fast.data.voc import VOC_CLASS_NAMES, read_id_list, read_label_png, saf
 
 VOID_COLUMN = NUM_CLASSES            # prediction 255 goes to this extra confusion column
 N_PRED_COLUMNS = NUM_CLASSES + 1
+AVERAGES = ("present", "all")        # mIoU: over the classes that occur / over all 21 (the authors')
+AUTHORS_IOU_EPS = 1e-10              # the authors' evaluation.py: TP / (T + P - TP + 1e-10)
+
+
+class NothingEvaluatedError(DataError):
+    """No id of the list has both a ground truth and a prediction: there is no mIoU to report.
+    ``before_work``: found by the pre-check, before any file was read (exit 2), else after (exit 1)."""
+
+    def __init__(self, message: str, before_work: bool):
+        super().__init__(message)
+        self.before_work = before_work
 
 
 # ----------------------------------------------------------------------------------- confusion
@@ -75,8 +90,17 @@ def iou_from_confusion(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return iou, present
 
 
-def miou_from_confusion(conf: np.ndarray) -> np.ndarray:
-    """Mean IoU (fraction) over the classes present; works on (..., 21, 22) stacks."""
+def miou_from_confusion(conf: np.ndarray, average: str = "present") -> np.ndarray:
+    """Mean IoU (fraction); works on (..., 21, 22) stacks. ``average``: "present" (the classes in
+    the ground truth or the prediction) or "all" (the authors' rule: every one of the 21 classes,
+    IoU_c = TP / (T + P - TP + 1e-10), so an absent class counts 0)."""
+    if average == "all":
+        conf = np.asarray(conf, dtype=np.float64)
+        tp = np.diagonal(conf[..., :NUM_CLASSES], axis1=-2, axis2=-1)
+        union = conf.sum(axis=-1) + conf[..., :NUM_CLASSES].sum(axis=-2) - tp
+        return np.mean(tp / (union + AUTHORS_IOU_EPS), axis=-1)
+    if average != "present":
+        raise ConfigError(f"average {average!r}: expected one of {', '.join(AVERAGES)}")
     iou, present = iou_from_confusion(conf)
     n = present.sum(axis=-1)
     return np.where(n > 0, np.nansum(iou, axis=-1) / np.maximum(n, 1), np.nan)
@@ -365,10 +389,11 @@ def default_id_list(gt_dir) -> list[str]:
     return ids
 
 
-def _result_dict(conf: np.ndarray, counts: dict) -> dict:
+def _result_dict(conf: np.ndarray, counts: dict, average: str = "present") -> dict:
     iou, present = iou_from_confusion(conf)
     return {
-        "miou": float(miou_from_confusion(conf) * 100),
+        "miou": float(miou_from_confusion(conf, average) * 100),
+        "average": average,
         "iou": {name: (float(iou[i] * 100) if present[i] else None) for i, name in enumerate(VOC_CLASS_NAMES)},
         "n_images": counts["ok"] + counts["missing_pred"],
         "n_missing_pred": counts["missing_pred"],
@@ -379,15 +404,20 @@ def _result_dict(conf: np.ndarray, counts: dict) -> dict:
 
 def evaluate(gt_dir, *, pred_dir=None, cam_dir=None, ids: Optional[Sequence[str]] = None,
              thresholds="0.00:0.60:0.01", allow_missing: bool = False, workers: int = 0,
-             progress: bool = False) -> dict:
+             progress: bool = False, average: str = "present") -> dict:
     """Evaluate label PNGs (``pred_dir``) or sweep CAM files (``cam_dir``) against ``gt_dir``.
 
     Returns {"miou", "iou", "n_images", "n_missing_pred", "n_missing_gt", "confusion"} (percent);
     for a sweep the top-level metrics are those at the best threshold, plus "curve" (list of
-    {"threshold", "miou"}) and "best" ({"threshold", "miou"}). Ties pick the lowest threshold.
+    {"threshold", "miou"}) and "best" ({"threshold", "miou", "n_missing_pred"}). Ties pick the
+    lowest threshold. ``average``: the mIoU rule (see the module doc). NothingEvaluatedError (a
+    DataError) before any work when no id has both a ground truth and a prediction, and after it
+    if none turned out to be evaluable.
     """
     if (pred_dir is None) == (cam_dir is None):
         raise ConfigError("evaluate: give exactly one of pred_dir (label PNGs) or cam_dir (CAM files)")
+    if average not in AVERAGES:
+        raise ConfigError(f"average {average!r}: expected one of {', '.join(AVERAGES)}")
     for name, d in (("gt", gt_dir), ("pred", pred_dir), ("cam", cam_dir)):
         if d is not None and not Path(d).is_dir():
             raise DataError(f"--{name} {d}: not a directory")
@@ -401,18 +431,43 @@ def evaluate(gt_dir, *, pred_dir=None, cam_dir=None, ids: Optional[Sequence[str]
         if np.any(np.diff(ths) <= 0):
             raise ConfigError(f"thresholds {ths.tolist()}: expected strictly ascending values")
         job = EvalJob(str(gt_dir), str(cam_dir), "cam", thresholds=ths, allow_missing=allow_missing)
+    if allow_missing:
+        _check_something_to_evaluate(job, ids)   # without it a missing file raises DataError anyway
     total, counts = _accumulate(job, my_ids, workers, progress and rank == 0)
     total, counts = _all_reduce(total, counts)
     if counts["ok"] + counts["missing_pred"] == 0:
         raise DataError(f"evaluate: none of the {len(ids)} ids has a ground truth in {gt_dir}")
+    if counts["ok"] == 0:   # the files changed under us since the pre-check
+        raise NothingEvaluatedError(f"evaluate: none of the {len(ids)} ids has both a ground truth in {gt_dir} "
+                                    f"and a prediction in {job.pred_dir} ({counts['missing_pred']} predictions "
+                                    f"missing, {counts['missing_gt']} ground truths missing)", before_work=False)
     if job.mode == "png":
-        return _result_dict(total, counts)
-    mious = miou_from_confusion(total) * 100
+        return _result_dict(total, counts, average)
+    mious = miou_from_confusion(total, average) * 100
     best = int(np.nanargmax(mious)) if np.any(np.isfinite(mious)) else 0
-    result = _result_dict(total[best], counts)
+    result = _result_dict(total[best], counts, average)
     result["curve"] = [{"threshold": round(float(t), 6), "miou": float(m)} for t, m in zip(job.thresholds, mious)]
-    result["best"] = {"threshold": round(float(job.thresholds[best]), 6), "miou": float(mious[best])}
+    result["best"] = {"threshold": round(float(job.thresholds[best]), 6), "miou": float(mious[best]),
+                      "n_missing_pred": counts["missing_pred"]}
     return result
+
+
+def _check_something_to_evaluate(job: EvalJob, ids: Sequence[str]) -> None:
+    """Before any work: at least one id has both a ground truth and a prediction (stops at the
+    first; scans every id, on every rank alike, only when none has). NothingEvaluatedError names
+    the counts otherwise: an mIoU of all-background stand-ins would be a number about nothing."""
+    n_gt = n_pred = 0
+    for image_id in ids:
+        has_gt = safe_join(job.gt_dir, f"{image_id}.png").is_file()
+        has_pred = _find_prediction(job, image_id) is not None
+        if has_gt and has_pred:
+            return
+        n_gt += has_gt
+        n_pred += has_pred
+    raise NothingEvaluatedError(
+        f"evaluate: nothing to evaluate: none of the {len(ids)} ids has both a ground truth and a prediction "
+        f"({len(ids) - n_pred} predictions missing in {job.pred_dir}, {len(ids) - n_gt} ground truths missing "
+        f"in {job.gt_dir}); --allow-missing only fills in some missing ids", before_work=True)
 
 
 def format_table(result: dict) -> str:
@@ -420,10 +475,21 @@ def format_table(result: dict) -> str:
     lines = [f"{'class':>14s}  IoU (%)"]
     for name, v in result["iou"].items():
         lines.append(f"{name:>14s}  {'   -' if v is None else f'{v:7.2f}'}")
-    lines.append(f"{'mIoU':>14s}  {result['miou']:7.2f}   ({result['n_images']} images)")
+    missing = _missing_note(result)
+    average = "" if result.get("average", "present") == "present" else ", average over all 21 classes"
+    lines.append(f"{'mIoU':>14s}  {result['miou']:7.2f}   ({result['n_images']} images{missing}{average})")
     if "best" in result:
-        lines.append(f"best background threshold {result['best']['threshold']:.2f} -> mIoU {result['best']['miou']:.2f}")
+        lines.append(f"best background threshold {result['best']['threshold']:.2f} -> mIoU {result['best']['miou']:.2f}"
+                     f" ({missing[2:]})")
     return "\n".join(lines)
+
+
+def _missing_note(result: dict) -> str:
+    """', N missing predictions counted as background' (always), plus the skipped ids without ground truth."""
+    parts = [f"{result.get('n_missing_pred', 0)} missing predictions counted as background"]
+    if result.get("n_missing_gt"):
+        parts.append(f"{result['n_missing_gt']} ids without ground truth skipped")
+    return "".join(", " + p for p in parts)
 
 
 def write_outputs(result: dict, json_path) -> None:
