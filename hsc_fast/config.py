@@ -264,8 +264,11 @@ class SeedConfig:
 class RefineConfig:
     method: str = _f("none", "pipeline stage 'refine' between the CRF and DeepLab: none (DeepLab trains on the CRF "
                              "pseudo-labels) | psa (AffinityNet + random walk, Ahn & Kwak 2018: the paper's 'Masks')")
-    alpha_low: float = _f(4.0, "affinity labels: CRF background alpha giving the confident foreground (PSA's la)")
-    alpha_high: float = _f(32.0, "affinity labels: CRF background alpha giving the confident background (PSA's ha)")
+    alpha_low: Union[float, str] = _f("auto", "affinity labels: CRF background alpha giving the confident foreground "
+                                              "(PSA's la 4); auto: 4/7 of the seed CRF's alpha (4 when it is the "
+                                              "authors' 7)")
+    alpha_high: Union[float, str] = _f("auto", "affinity labels: CRF background alpha giving the confident background "
+                                               "(PSA's ha 32); auto: 32/7 of the seed CRF's alpha")
     radius: int = _f(5, "affinity pairs within this radius at feature resolution (stride 8)")
     backbone: str = _f("", "AffinityNet backbone: '' = model.backbone (initialised from the CAM network's)")
     feat_dim: int = _f(448, "affinity feature channels")

@@ -101,10 +101,24 @@ def test_walk_of_uniform_affinities_keeps_the_cams_argmax(tiny):
 
 def test_refine_config_is_checked_before_work():
     from hsc_fast.engine.refine import check_refine_config
-    for override, key in (("refine.alpha_low=40", "alpha_low"), ("refine.radius=0", "radius"),
-                          ("refine.scale_range=[1.5,0.5]", "scale_range")):
+    for overrides, key in ((["refine.alpha_low=40", "refine.alpha_high=32"], "alpha_low"), (["refine.radius=0"], "radius"),
+                           (["refine.scale_range=[1.5,0.5]"], "scale_range"), (["refine.alpha_high=autoo"], "alpha_high")):
         with pytest.raises(ConfigError, match=key):
-            check_refine_config(load_config("demo", [override]))
+            check_refine_config(load_config("demo", overrides))
     with pytest.raises(ConfigError, match="'refine.method': 'affinity' is not one of none, psa"):
         load_config("demo", ["refine.method=affinity"])
     assert dataclasses.asdict(load_config("hsc_eps_official").refine)["method"] == "none"
+
+
+def test_auto_affinity_alphas_keep_psas_ratio_to_the_seed_crf(tmp_path):
+    from hsc_fast.engine.refine import affinity_alphas, seed_crf_alpha
+    cfg = load_config("demo")
+    assert affinity_alphas(cfg, 7.0) == (4.0, 32.0)                        # PSA's pair for the authors' 7
+    assert affinity_alphas(cfg, 2.0) == pytest.approx((8 / 7, 64 / 7))
+    assert affinity_alphas(load_config("demo", ["refine.alpha_low=3", "refine.alpha_high=20"]), 2.0) == (3.0, 20.0)
+    assert seed_crf_alpha(cfg, tmp_path) == 7.0                              # auto, nothing swept yet
+    assert seed_crf_alpha(load_config("seam"), tmp_path) == 7.0
+    (tmp_path / "crf_params.json").write_text('{"alpha": 2.5}')
+    assert seed_crf_alpha(cfg, tmp_path) == 2.5
+    with pytest.raises(ConfigError, match="resolve to"):
+        affinity_alphas(load_config("demo", ["refine.alpha_low=20"]), 2.0)
