@@ -281,7 +281,8 @@ class RefineConfig:
     save_every: int = _f(1000, "checkpoint every N steps")
     beta: float = _f(8.0, "random walk: affinity power")
     logt: int = _f(8, "random walk: log2 of the number of steps")
-    bg_alpha: float = _f(16.0, "random walk: CAM background (1 - max fg)^alpha before the walk")
+    bg_alpha: Union[float, str] = _f("auto", "random walk: CAM background (1 - max fg)^alpha before the walk (PSA: 16); "
+                                             "auto: 16/7 of the seed CRF's alpha (16 when it is the authors' 7)")
 
 
 @dataclass

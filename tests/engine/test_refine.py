@@ -122,3 +122,13 @@ def test_auto_affinity_alphas_keep_psas_ratio_to_the_seed_crf(tmp_path):
     assert seed_crf_alpha(cfg, tmp_path) == 2.5
     with pytest.raises(ConfigError, match="resolve to"):
         affinity_alphas(load_config("demo", ["refine.alpha_low=20"]), 2.0)
+
+
+def test_auto_walk_background_keeps_psas_ratio():
+    from hsc_fast.engine.refine import walk_bg_alpha
+    assert walk_bg_alpha(load_config("demo"), 7.0) == 16.0
+    assert walk_bg_alpha(load_config("demo"), 2.0) == pytest.approx(32 / 7)
+    assert walk_bg_alpha(load_config("demo", ["refine.bg_alpha=9"]), 2.0) == 9.0
+    with pytest.raises(ConfigError, match="refine.bg_alpha"):
+        from hsc_fast.engine.refine import check_refine_config
+        check_refine_config(load_config("demo", ["refine.bg_alpha=-1"]))
