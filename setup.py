@@ -27,6 +27,7 @@ setup(
         "webdataset>=0.2.86",
         "deepspeed>=0.14",
         "pydensecrf2>=1.1",
+        "pycocotools>=2.0.7",
         "tensorboard>=2.12",
         "triton>=3.0; platform_system == 'Linux'",
     ],

@@ -37,7 +37,9 @@ from scipy.ndimage import gaussian_filter
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hsc_fast import IGNORE_INDEX, NUM_CLASSES  # noqa: E402
+from hsc_fast.classes import IGNORE_INDEX, VOC  # noqa: E402
+
+NUM_CLASSES = VOC.num_classes  # the benchmark scores VOC-like label maps
 from hsc_fast.crf import DEEPLAB_TEST, INFERENCE, TRAIN, cam_to_crf_probs, crf_batch  # noqa: E402
 from hsc_fast.eval.evaluate import confusion_matrix, miou_from_confusion# noqa: E402
 from hsc_fast.data.voc import read_label_png, read_sbd_mat  # noqa: E402

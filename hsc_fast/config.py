@@ -37,6 +37,9 @@ def _f(default, help: str, **kw):
 @dataclass
 class DataConfig:
     train: str = _f("", "training data: shard brace URL, shard index.json, or a VOC root folder")
+    classes: str = _f("auto", "class set: auto (the training data's: shard index 'classes', a VOC-layout tree's "
+                              "classes.json, else voc) | voc | coco | synthetic:K | a classes.json; a run records "
+                              "the resolved set here and in RUN_DIR/classes.json")
     train_list: str = _f("", "id list for folder loading (ignored for shards)")
     sbd_root: str = _f("", "SBD root for folder loading (img/, cls/)")
     cls_labels: str = _f("", "cls_labels.npy (IRN int keys or SEAM str keys) for folder loading")
@@ -60,7 +63,7 @@ class ModelConfig:
     width_div: int = _f(1, "resnet38 only: divide every width (a narrow ResNet-38 for CPU demos)")
     weights: str = _f("", "ImageNet weights: mxnet .params or .pth state dict ('' = random init)")
     allow_random_init: bool = _f(False, "permit training without pretrained weights")
-    num_classes: int = _f(21, "CAM channels including background (last)")
+    num_classes: int = _f(0, "CAM channels including background (last); 0 = K+1 of data.classes (21 VOC, 81 COCO)")
     pcm: bool = _f(True, "build SEAM's pixel correlation module")
     rsc_proj: str = _f("official", "RSC/CSC projector: official (3x3 conv+BN+ReLU, 1x1) | paper (two conv-ReLU)")
     rsc_dim: int = _f(256, "RSC/CSC embedding dimension")
@@ -499,6 +502,49 @@ _CHOICES = {
     "refine.backbone": ("", "resnet38", "resnet50", "resnet18"),
     "deeplab.head": ("v2", "v3"),
 }
+
+
+def apply_class_set(cfg: RunConfig, classes) -> None:
+    """Record a run's resolved class set: ``data.classes`` names it, ``model.num_classes`` = K+1.
+    A ``data.classes`` or ``model.num_classes`` set to something else is an error naming the key."""
+    from hsc_fast.classes import BUILTIN
+    spec = str(cfg.data.classes)
+    if spec != "auto":
+        from hsc_fast.classes import resolve
+        from hsc_fast.errors import DataError
+        try:
+            wanted = resolve(spec)
+        except DataError as e:
+            raise ConfigError(f"config key 'data.classes': {e}") from None
+        if wanted != classes:
+            raise ConfigError(f"config key 'data.classes': {spec!r} ({wanted.num_fg} classes) differs from the "
+                              f"data's class set {classes.name!r} ({classes.num_fg} classes)")
+    if cfg.model.num_classes not in (0, classes.num_classes):
+        raise ConfigError(f"config key 'model.num_classes': {cfg.model.num_classes}, but the class set "
+                          f"{classes.name!r} has {classes.num_classes} (K+1; set 0 to follow data.classes)")
+    if spec == "auto":
+        named = classes.name in BUILTIN or classes.name.startswith("synthetic:")
+        cfg.data.classes = classes.name if named else spec  # a custom set: RUN_DIR/classes.json holds it
+    cfg.model.num_classes = classes.num_classes
+
+
+def cam_channels(model_cfg: "ModelConfig") -> int:
+    """CAM channels K+1: ``model.num_classes``, or VOC's 21 while it is 0 (a config no data source
+    has resolved yet: the unit tests and configs from before data.classes)."""
+    from hsc_fast.classes import VOC
+    return model_cfg.num_classes or VOC.num_classes
+
+
+def run_class_set(cfg: RunConfig):
+    """The ClassSet of a config whose ``data.classes`` is resolved (VOC for 'auto' with
+    model.num_classes 0 or 21: configs written before the key)."""
+    from hsc_fast.classes import VOC, resolve
+    if cfg.data.classes == "auto":
+        if cfg.model.num_classes not in (0, VOC.num_classes):
+            raise ConfigError(f"config key 'data.classes': 'auto' with model.num_classes {cfg.model.num_classes}: "
+                              "name the class set (voc | coco | synthetic:K | a classes.json)")
+        return VOC
+    return resolve(cfg.data.classes)
 
 
 def validate(cfg: RunConfig) -> None:

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 LEAVES = {"hsc_fast", "hsc_fast.errors", "hsc_fast.config", "hsc_fast.distributed", "hsc_fast.checkpoint",
-          "hsc_fast.precision", "hsc_fast.io", "hsc_fast.registry"}
+          "hsc_fast.precision", "hsc_fast.io", "hsc_fast.registry", "hsc_fast.classes"}
 # Old `python -m hsc_fast.<x>` paths, kept one release; they may only forward to cli/.
 ALIASES = {"hsc_fast.shard", "hsc_fast.synth", "hsc_fast.evaluate", "hsc_fast.doctor", "hsc_fast.report"}
 PACKAGES = ("data", "models", "ops", "crf", "losses", "eval", "engine", "cli")

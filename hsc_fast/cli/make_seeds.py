@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Optional
 from typing import Sequence
 import argparse
+import os
 import sys
 
+from hsc_fast.classes import CLASSES_FILE
 from hsc_fast.cli.common import (add_config_args, add_launcher_args, add_progress_flag, check_voc_folder,
                                  stage_exit_status, with_exit_codes)
 from hsc_fast.config import RunConfig, load_config
@@ -19,6 +21,13 @@ from hsc_fast.errors import ConfigError, DataError, HscError, WeightsError
 from hsc_fast.eval.seeds import N_OVERLAYS, SeedJob, run
 from hsc_fast.registry import CRF_BACKENDS
 
+CLASSES_HELP = (
+    "class set: voc | coco | synthetic:K | a classes.json file. It bounds the CAM keys, the label PNG values "
+    "(0..K and 255) and the sweep/CRF evaluations. Default: the classes.json of the run (RUN_DIR/classes.json "
+    "for --out RUN_DIR/seeds, or beside the --checkpoint's RUN_DIR/cam, as the pipeline lays them out), else "
+    "what --data records (<data>/classes.json, or the 'classes' of its shard index.json), else the config's "
+    "data.classes, else voc. The CAM model gets K+1 channels (model.num_classes)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The make_seeds command line (the exit-status table ends --help)."""
@@ -28,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, None, "YAML config or preset (default: RUN_DIR/config.yaml beside the checkpoint)")
     p.add_argument("--checkpoint", help="RUN_DIR (uses RUN_DIR/final/model.pt) or a state_dict .pt")
     p.add_argument("--data", required=True, help="VOC root folder (JPEGImages/) or shards/index.json")
+    p.add_argument("--classes", metavar="SPEC", help=CLASSES_HELP)
     p.add_argument("--list", help="ids (default: seeds.eval_list, else every id of the shard index for shard "
                                   "data, else <data>/ImageSets/Segmentation/train.txt)")
     p.add_argument("--gt", help="ground-truth PNGs for the sweep/CRF evaluation (default: <data>/SegmentationClass)")
@@ -100,8 +110,40 @@ def shard_ids(source: str) -> list[str]:
     return flat
 
 
+def _classes_candidates(args) -> list[Path]:
+    """Where --classes looks by default: the run of --out (RUN_DIR/seeds), the run of the checkpoint
+    (RUN_DIR/cam, RUN_DIR/cam/final/model.pt), then what --data records."""
+    out = [Path(args.out).resolve().parent / CLASSES_FILE]
+    if args.checkpoint:
+        ck = Path(args.checkpoint).resolve()
+        cam_run = ck if ck.is_dir() else ck.parent.parent
+        out.append(cam_run.parent / CLASSES_FILE)
+    data = Path(args.data)
+    if data.is_dir():
+        out += [data / CLASSES_FILE, data / "index.json"]
+    elif str(data).endswith(".json"):
+        out.append(data)
+    return out
+
+
+def job_classes(args, cfg: RunConfig):
+    """--classes, else a classes.json / shard index found by _classes_candidates, else the config's
+    data.classes (RUN_DIR/cam/config.yaml records it), else VOC; then recorded in ``cfg``
+    (apply_class_set: model.num_classes = K+1; ConfigError when the config names another set)."""
+    from hsc_fast.cli.evaluate import classes_note, resolve_classes_arg
+    from hsc_fast.config import apply_class_set, run_class_set
+    classes, source = resolve_classes_arg(args.classes, _classes_candidates(args))
+    if args.classes is None and source is None and str(cfg.data.classes) != "auto":
+        classes, source = run_class_set(cfg), "the config's data.classes"
+    if source is not None and os.environ.get("RANK", "0") == "0":   # before init_distributed: the launcher's RANK
+        print(classes_note(classes, source), file=sys.stderr)
+    apply_class_set(cfg, classes)
+    return classes
+
+
 def job_from_args(args) -> SeedJob:
     cfg = _config_from_args(args)
+    classes = job_classes(args, cfg)
     gt, data = args.gt, Path(args.data)
     if gt is None and data.is_dir() and (data / "SegmentationClass").is_dir():
         gt = str(data / "SegmentationClass")
@@ -111,7 +153,7 @@ def job_from_args(args) -> SeedJob:
     return SeedJob(cfg=cfg, data=args.data, out=args.out, ids=_id_list(args, cfg), stage=args.stage,
                    checkpoint=args.checkpoint, gt=gt, cls_labels=cls_labels,
                    sbd_root=args.sbd_root or cfg.data.sbd_root or None, fmt=args.format, workers=args.workers, uncertain_margin=args.uncertain_margin,
-                   overlays=args.overlays, progress=not args.no_progress)
+                   overlays=args.overlays, progress=not args.no_progress, classes=classes)
 
 
 def check_job(job: SeedJob) -> None:

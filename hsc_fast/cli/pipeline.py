@@ -10,7 +10,7 @@ import sys
 import time
 
 from hsc_fast.cli.common import add_config_args, add_dataset_args, exit_if_rank_lost, with_exit_codes
-from hsc_fast.config import load_config
+from hsc_fast.config import apply_class_set, load_config
 from hsc_fast.engine.pipeline import STAGES, dataset_from_args, run_stage, start_context
 from hsc_fast.errors import ConfigError, HscError
 
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-train", type=int, default=300, help="--demo: synthetic training images (30%% SBD-only)")
     p.add_argument("--synth-val", type=int, default=60, help="--demo: synthetic validation images")
     p.add_argument("--synth-size", type=int, default=128, help="--demo: synthetic image size in pixels")
+    p.add_argument("--synth-classes", type=int, default=20, metavar="K",
+                   help="--demo: foreground classes of the synthetic set (20: VOC's; e.g. 80 for a COCO-sized "
+                        "label space); the CAM head, banks, CRF, evaluation and DeepLab follow")
     add_config_args(p, None, "YAML config or preset (default: demo with --demo, else hsc_eps_official)")
     add_dataset_args(p)
     p.add_argument("--stages", default=",".join(STAGES),
@@ -59,6 +62,7 @@ def main(argv=None) -> int:
         from hsc_fast.engine.pretrain import fill_weights
         fill_weights(cfg, run_dir)
         data = dataset_from_args(args, run_dir)
+        apply_class_set(cfg, data.classes)  # data.classes / model.num_classes, recorded in config.yaml
         stages = selected_stages(args.stages, args.demo, cfg.pretrain.enabled)
     except HscError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -66,7 +70,7 @@ def main(argv=None) -> int:
     from hsc_fast import distributed as D
     ctx, info = start_context(cfg, run_dir, data, args,
                               synth={"n_train": args.synth_train, "n_val": args.synth_val, "size": args.synth_size,
-                                     "seed": 0})
+                                     "seed": 0, "num_fg": args.synth_classes})
     stage_seconds: dict = {}
     t0 = time.perf_counter()
     try:

@@ -71,6 +71,8 @@ def main(argv: Optional[list] = None) -> int:
         cfg = load_config(args.config, sets)
         R.check_refine_config(cfg)
         _check_args(args)
+        from hsc_fast.data import resolve_run_classes
+        classes = resolve_run_classes(cfg, args.images)  # the images' class set (shard index / classes.json)
         ids = read_id_list(args.train_list)
         eval_ids = read_id_list(args.eval_list) if args.eval_list else ids
     except HscError as e:
@@ -89,7 +91,7 @@ def main(argv: Optional[list] = None) -> int:
                             progress=progress)
         if args.gt:
             from hsc_fast.eval.evaluate import evaluate, format_table, write_outputs
-            result = evaluate(args.gt, pred_dir=run / R.MASKS, ids=eval_ids)
+            result = evaluate(args.gt, pred_dir=run / R.MASKS, ids=eval_ids, classes=classes)
             if info.is_main:
                 print(format_table(result))
                 write_outputs(result, run / "mask_eval.json")

@@ -1,4 +1,4 @@
-"""VOC 2012 + SBD -> WebDataset shards (hsc-shard).
+"""VOC 2012 + SBD, or MS COCO 2014, -> WebDataset shards (hsc-shard).
 
 Run as `python -m hsc_fast.cli.shard`; the work itself lives below cli/."""
 from __future__ import annotations
@@ -20,11 +20,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=with_exit_codes(failed="--verify found a problem"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--verify", metavar="DIR", help="verify the shards in DIR instead of writing")
-    p.add_argument("--voc-root", help="VOC folder (holding JPEGImages/, SegmentationClass/, Annotations/)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--voc-root", help="VOC folder (holding JPEGImages/, SegmentationClass/, Annotations/)")
+    source.add_argument("--coco-root", help="MS COCO folder (holding annotations/instances_<split>.json and "
+                                            "<split>/*.jpg); mask: a pixel of one class gets it, of two classes or of "
+                                            "crowd only 255 (README 'Preparing MS COCO 2014')")
+    p.add_argument("--coco-split", help="with --coco-root: the split, train2014 or val2014 (also names the shards)")
     p.add_argument("--sbd-root", help="SBD folder (holding img/, cls/)")
     p.add_argument("--list", help="id list: one id per line, or the SEAM '/JPEGImages/ID.jpg ...' format")
     p.add_argument("--cls-labels", help="image-level labels (cls_labels.npy with IRN int or SEAM str keys, or .json)")
-    p.add_argument("--saliency-root", help="saliency maps folder (ID.png), stored as sal.png")
+    p.add_argument("--saliency-root", help="saliency maps folder (ID.png), stored as sal.png (VOC and COCO; "
+                                           "the EPS methods need them, COCO ships none)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--workers", type=int, default=1, help="processes building shards in parallel")
@@ -47,18 +53,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{report['directory']}: {report['shards']} shards, {report['samples']} samples, "
                   f"{len(report['problems'])} problem(s)")
             return 0 if report["ok"] else 1
-        missing = [f"--{n.replace('_', '-')}" for n in ("voc_root", "list", "out") if not getattr(args, n)]
-        if missing:
-            build_parser().error(f"missing {', '.join(missing)} (or use --verify DIR)")
-        index = shard_dataset(args.voc_root, args.list, args.out, sbd_root=args.sbd_root, cls_labels=args.cls_labels,
-                              saliency_root=args.saliency_root, shard_size=args.shard_size, workers=args.workers,
-                              skip_bad=args.skip_bad, progress=not args.quiet)
+        if args.coco_root or args.coco_split:
+            index = _shard_coco(args)
+        else:
+            index = _shard_voc(args)
         print(f"{args.out}: {len(index['shards'])} shards, {index['count']} samples, {len(index['skipped'])} skipped")
         return 0
     except HscError as e:
         # The writer checks every sample before it publishes anything: a bad one is bad input.
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _flag(dest: str) -> str:
+    return f"--{dest.replace('_', '-')}"
+
+
+def _shard_voc(args) -> dict:
+    missing = [_flag(n) for n in ("voc_root", "list", "out") if not getattr(args, n)]
+    if missing:
+        build_parser().error(f"missing {', '.join(missing)} (or use --coco-root, or --verify DIR)")
+    return shard_dataset(args.voc_root, args.list, args.out, sbd_root=args.sbd_root, cls_labels=args.cls_labels,
+                         saliency_root=args.saliency_root, shard_size=args.shard_size, workers=args.workers,
+                         skip_bad=args.skip_bad, progress=not args.quiet)
+
+
+def _shard_coco(args) -> dict:
+    missing = [_flag(n) for n in ("coco_root", "coco_split", "out") if not getattr(args, n)]
+    if missing:
+        build_parser().error(f"missing {', '.join(missing)} for COCO sharding")
+    voc_only = [_flag(n) for n in ("sbd_root", "list", "cls_labels") if getattr(args, n)]
+    if voc_only:
+        build_parser().error(f"{', '.join(voc_only)}: VOC options, not valid with --coco-root")
+    from hsc_fast.data.coco import shard_coco  # pycocotools only when COCO is sharded
+    return shard_coco(args.coco_root, args.coco_split, args.out, shard_size=args.shard_size, workers=args.workers,
+                      skip_bad=args.skip_bad, progress=not args.quiet, saliency_root=args.saliency_root)
+
 
 if __name__ == "__main__":
     sys.exit(main())

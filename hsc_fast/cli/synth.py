@@ -10,7 +10,7 @@ import sys
 
 from hsc_fast.cli.common import with_exit_codes
 from hsc_fast.data.synth import generate
-from hsc_fast.errors import ConfigError
+from hsc_fast.errors import ConfigError, DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="generation seed")
     ap.add_argument("--size", type=int, default=256, help="image side in pixels")
     ap.add_argument("--sbd-fraction", type=float, default=0.3, help="share of train ids stored only in SBD/")
+    ap.add_argument("--classes", type=int, default=20, metavar="K",
+                    help="foreground classes (20: VOC's names and formats; another K, e.g. 80 like COCO, "
+                         "writes VOC2012/classes.json, which sharding and training then read)")
     return ap
 
 
@@ -31,8 +34,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status: see common.exit_codes_epilog (0 written, 2 bad sizes or counts)."""
     args = build_parser().parse_args(argv)
     try:
-        s = generate(args.out, args.n_train, args.n_val, args.seed, args.size, args.sbd_fraction)
-    except ConfigError as e:
+        s = generate(args.out, args.n_train, args.n_val, args.seed, args.size, args.sbd_fraction, args.classes)
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {s['images']} images to {args.out}: train_aug {s['train_aug']} "

@@ -137,8 +137,10 @@ def cam_to_crf_probs(cams_fg: np.ndarray, alpha: float) -> np.ndarray:
 
     Channel 0 is the BACKGROUND ``(1 - max_k cam_k) ** alpha`` and channel k+1 is ``cams_fg[k]``
     (the SEAM/PSA post-processing layout; note it differs from the CAM tensors' bg-last layout,
-    hsc_fast.BG_INDEX). Callers map the argmax channel back to VOC ids themselves (0 -> background,
-    k+1 -> the class of ``cams_fg[k]``). Like SEAM, the result is not renormalised.
+    ``ClassSet.bg_index`` = K). K here is the number of CAMs given -- callers pass only the image's
+    present classes, so the CRF cost does not depend on the class set's size (20 for VOC, 80 for
+    COCO) -- and map the argmax channel back to label ids themselves (0 -> background, k+1 -> the
+    label of the class of ``cams_fg[k]``). Like SEAM, the result is not renormalised.
     """
     if not isinstance(cams_fg, np.ndarray) or cams_fg.ndim != 3:
         raise DataError(f"cam_to_crf_probs cams_fg: expected a (K, H, W) numpy array, got "

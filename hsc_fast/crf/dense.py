@@ -1,7 +1,7 @@
 """Exact dense mean-field CRF for the tiny (16x16) training CRF, batched on any device.
 
 HSC's pseudo-labels go through a dense CRF at 16x16 every step (official recipe: unary from labels
-with gt_prob 0.7 over 21 labels, Gaussian sxy 3 / compat 3, bilateral sxy 50 / srgb 5 / compat 10,
+with gt_prob 0.7 over K+1 labels (21 for VOC), Gaussian sxy 3 / compat 3, bilateral sxy 50 / srgb 5 / compat 10,
 10 iterations). The authors run pydensecrf on the CPU, one image at a time. With 256 pixels the
 fully-connected kernels are just (N, 256, 256) matrices, so here the whole batch runs as a few
 batched matmuls on the input's device, with no Python loop over images.
@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from hsc_fast.crf.meanfield import mean_field, symmetric_normalizer, unary_from_labels_torch  # noqa: F401 - re-exported
+from hsc_fast.classes import VOC
 from hsc_fast.crf.params import validate_params
 from hsc_fast.errors import DataError
 
@@ -52,11 +53,12 @@ def normalized_gaussian_kernel(features: torch.Tensor) -> torch.Tensor:
     return norm[:, :, None] * kernel * norm[:, None, :]
 
 
-def dense_crf_labels(images_uint8: torch.Tensor, labels: torch.Tensor, n_labels: int = 21, gt_prob: float = 0.7,
-                     iters: int = 10, gauss_sxy: float = 3, gauss_compat: float = 3, bi_sxy: float = 50,
-                     bi_srgb: float = 5, bi_compat: float = 10) -> torch.Tensor:
+def dense_crf_labels(images_uint8: torch.Tensor, labels: torch.Tensor, n_labels: int = VOC.num_classes,
+                     gt_prob: float = 0.7, iters: int = 10, gauss_sxy: float = 3, gauss_compat: float = 3,
+                     bi_sxy: float = 50, bi_srgb: float = 5, bi_compat: float = 10) -> torch.Tensor:
     """Refine label maps with an exact dense CRF: images (N,3,h,w) uint8, labels (N,h,w) int -> (N,h,w) int64.
 
+    ``n_labels``: K+1, the CAM head's channel count (the training loss passes it; default VOC's).
     Runs on ``labels``' device (images are moved there). Equivalent to the official
     ``crf_inference_label`` (pydensecrf, unary_from_labels zero_unsure=False, argmax of Q) up to
     the lattice approximation pydensecrf makes.

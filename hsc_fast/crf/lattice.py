@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from hsc_fast.classes import VOC
 from hsc_fast.crf.meanfield import mean_field, symmetric_normalizer, unary_from_labels_torch
 from hsc_fast.crf.params import validate_params
 from hsc_fast.errors import ConfigError, DataError, HscError
@@ -438,13 +439,14 @@ def _check_label_batch(images: torch.Tensor, labels: torch.Tensor) -> None:
                         f"got {tuple(labels.shape)}")
 
 
-def lattice_crf_labels(images_uint8: torch.Tensor, labels: torch.Tensor, n_labels: int = 21, gt_prob: float = 0.7,
-                       iters: int = 10, gauss_sxy: float = 3, gauss_compat: float = 3, bi_sxy: float = 50,
-                       bi_srgb: float = 5, bi_compat: float = 10, build: str = "auto") -> torch.Tensor:
+def lattice_crf_labels(images_uint8: torch.Tensor, labels: torch.Tensor, n_labels: int = VOC.num_classes,
+                       gt_prob: float = 0.7, iters: int = 10, gauss_sxy: float = 3, gauss_compat: float = 3,
+                       bi_sxy: float = 50, bi_srgb: float = 5, bi_compat: float = 10, build: str = "auto") -> torch.Tensor:
     """HSC's training CRF (the authors' ``crf_inference_label``) on a whole batch at once.
 
     images (N, 3, h, w) uint8, labels (N, h, w) int in [0, n_labels) -> (N, h, w) int64 on ``labels``'
-    device. Per image it computes what pydensecrf does: unary ``unary_from_labels(labels, n_labels,
+    device; ``n_labels`` is K+1, the CAM head's channel count (the training loss passes it; default
+    VOC's). Per image it computes what pydensecrf does: unary ``unary_from_labels(labels, n_labels,
     gt_prob, zero_unsure=False)`` (-log gt_prob on the label, -log((1-gt_prob)/(n_labels-1)) elsewhere),
     Gaussian (sxy, compat) + bilateral (sxy, srgb, compat) Potts kernels filtered on the permutohedral
     lattice with symmetric normalisation, ``iters`` mean-field steps, argmax (first maximum).

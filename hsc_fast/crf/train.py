@@ -1,7 +1,7 @@
 """The in-training CRF of HSC and its three backends (config key ``loss.crf.backend``).
 
 Every step the authors refine the 16x16 pseudo-labels of both views with ``crf_inference_label``
-(pydensecrf, one image at a time on the CPU): unary ``unary_from_labels(labels, 21, gt_prob=0.7,
+(pydensecrf, one image at a time on the CPU): unary ``unary_from_labels(labels, K+1, gt_prob=0.7,
 zero_unsure=False)``, Gaussian kernel sxy 3 / compat 3, bilateral sxy 50 / srgb 5 / compat 10,
 10 mean-field iterations, argmax. All three backends take the same arguments
 
@@ -29,11 +29,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from hsc_fast.classes import VOC
 from hsc_fast.registry import TRAIN_CRF_BACKENDS
 
 
 
-def pydensecrf_crf_labels(images_uint8: torch.Tensor, labels: torch.Tensor, n_labels: int = 21,
+def pydensecrf_crf_labels(images_uint8: torch.Tensor, labels: torch.Tensor, n_labels: int = VOC.num_classes,
                           gt_prob: float = 0.7, iters: int = 10, gauss_sxy: float = 3, gauss_compat: float = 3,
                           bi_sxy: float = 50, bi_srgb: float = 5, bi_compat: float = 10) -> torch.Tensor:
     """The reference: pydensecrf on each image in turn (what the authors run), on the CPU."""

@@ -11,11 +11,12 @@ The shard format is described in :mod:`hsc_fast.data.samples`; shards are writte
 """
 from hsc_fast.data.folder import FolderDataset, decode_eval_sample, find_voc_root
 from hsc_fast.data.loader import (EvalStream, ShardSet, SkipCounter, TrainLoader, build_eval_dataset, build_train_loader,
-                     collate, consumed_batches, is_shard_source, open_train_source)
+                     collate, consumed_batches, is_shard_source, open_train_source, resolve_run_classes,
+                     source_class_set)
 from hsc_fast.data.transforms import TwoViewTransform, denormalize, finish_batch, make_view2, normalize
 
 __all__ = [
     "FolderDataset", "decode_eval_sample", "find_voc_root", "EvalStream", "ShardSet", "SkipCounter", "TrainLoader",
     "build_eval_dataset", "build_train_loader", "collate", "consumed_batches", "is_shard_source",
-    "open_train_source", "TwoViewTransform", "denormalize", "finish_batch", "make_view2", "normalize",
+    "open_train_source", "resolve_run_classes", "source_class_set", "TwoViewTransform", "denormalize", "finish_batch", "make_view2", "normalize",
 ]

@@ -19,6 +19,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from hsc_fast.classes import CLASSES_FILE, VOC, ClassSet
+from hsc_fast.classes import load as load_classes
 from hsc_fast.errors import DataError
 from hsc_fast.data.voc import (check_id, classes_in_mask, encode_label_png, load_cls_labels, multihot_to_classes,
                    parse_voc_xml, read_id_list, read_label_png, read_sbd_mat, safe_join)
@@ -52,13 +54,16 @@ def _first_existing(*paths: Optional[Path]) -> Optional[Path]:
 class FolderDataset:
     """Map-style dataset over a VOC tree (+ SBD, labels, saliency).
 
-    ``ds[i]`` -> ``(key, image uint8 (H, W, 3), label float32 (20,), mask uint8 (H, W) or None)``;
+    ``ds[i]`` -> ``(key, image uint8 (H, W, 3), label float32 (K,), mask uint8 (H, W) or None)``;
     ``ds.raw_sample(id)`` -> the shard-format dict of bytes (see :mod:`hsc_fast.data.samples`).
+    ``ds.class_set``: VOC, or the set of a ``classes.json`` in the VOC root (a VOC-layout tree of
+    another dataset, e.g. the synthetic set with K classes); every label file is read against it.
     """
 
     def __init__(self, voc_root: PathLike, id_list: Union[PathLike, Sequence[str]], sbd_root: Optional[PathLike] = None,
                  cls_labels: Union[PathLike, dict, None] = None, saliency_root: Optional[PathLike] = None):
         self.voc_root = find_voc_root(voc_root)
+        self.class_set = folder_classes(self.voc_root)
         self.sbd_root = Path(sbd_root) if sbd_root else None
         self.saliency_root = Path(saliency_root) if saliency_root else None
         if self.saliency_root is not None and not self.saliency_root.is_dir():
@@ -70,7 +75,7 @@ class FolderDataset:
         if isinstance(cls_labels, dict) or cls_labels is None:
             self.labels = cls_labels
         else:
-            self.labels = load_cls_labels(cls_labels)
+            self.labels = load_cls_labels(cls_labels, self.class_set)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -101,21 +106,20 @@ class FolderDataset:
         return SamplePaths(image, mask, xml, saliency)
 
     # ------------------------------------------------------------------------------ reading parts
-    @staticmethod
-    def read_mask(path: Path) -> np.ndarray:
+    def read_mask(self, path: Path) -> np.ndarray:
         """uint8 (H, W) class mask from a VOC PNG or an SBD .mat."""
-        return read_sbd_mat(path) if path.suffix == ".mat" else read_label_png(path)
+        return read_sbd_mat(path, self.class_set) if path.suffix == ".mat" else read_label_png(path, self.class_set)
 
     def classes(self, image_id: str, paths: SamplePaths, mask: Optional[np.ndarray] = None) -> list[int]:
-        """Sorted class indices 1..20 of ``image_id`` (see the module docstring for the order of sources)."""
+        """Sorted class indices 1..K of ``image_id`` (see the module docstring for the order of sources)."""
         if self.labels is not None:
             if image_id not in self.labels:
                 raise DataError(f"{image_id}: no image-level label in the cls_labels file")
             return multihot_to_classes(self.labels[image_id])
         if paths.xml is not None:
-            return parse_voc_xml(paths.xml)
+            return parse_voc_xml(paths.xml, self.class_set)
         if paths.mask is not None:
-            return classes_in_mask(self.read_mask(paths.mask) if mask is None else mask)
+            return classes_in_mask(self.read_mask(paths.mask) if mask is None else mask, self.class_set)
         raise DataError(f"{image_id}: no label source (no cls_labels file, no {self.voc_root}/Annotations/"
                         f"{image_id}.xml and no segmentation mask)")
 
@@ -126,7 +130,7 @@ class FolderDataset:
             with Image.open(io.BytesIO(data)) as im:
                 if im.mode == "P":
                     return data
-        return encode_label_png(mask)
+        return encode_label_png(mask, self.class_set)
 
     def raw_sample(self, image_id: str, with_mask: bool = True, validate: bool = False) -> dict:
         """The shard-format dict of ``image_id``.
@@ -166,13 +170,19 @@ class FolderDataset:
     # ---------------------------------------------------------------------------- decoded access
     def __getitem__(self, index: int):
         image_id = self.ids[index]
-        return decode_eval_sample(self.raw_sample(image_id, with_mask=True))
+        return decode_eval_sample(self.raw_sample(image_id, with_mask=True), self.class_set)
 
 
-def decode_eval_sample(sample: dict):
-    """A raw sample -> ``(key, image uint8 (H, W, 3), label float32 (20,), mask uint8 (H, W) or None)``."""
+def folder_classes(voc_root: Path) -> ClassSet:
+    """The class set of a VOC-layout tree: its ``classes.json`` when it has one, else VOC."""
+    path = Path(voc_root) / CLASSES_FILE
+    return load_classes(path) if path.is_file() else VOC
+
+
+def decode_eval_sample(sample: dict, classes: ClassSet = VOC):
+    """A raw sample -> ``(key, image uint8 (H, W, 3), label float32 (K,), mask uint8 (H, W) or None)``."""
     where = S.sample_where(sample)
     image = np.asarray(S.open_jpeg(S.member(sample, S.IMAGE, where), where))
-    label = S.decode_labels(S.member(sample, S.LABELS, where), where)
-    mask = S.decode_mask(sample[S.MASK], where) if sample.get(S.MASK) is not None else None
+    label = S.decode_labels(S.member(sample, S.LABELS, where), where, classes)
+    mask = S.decode_mask(sample[S.MASK], where, classes) if sample.get(S.MASK) is not None else None
     return sample[S.KEY], image, label, mask

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from hsc_fast.classes import VOC, ClassSet, from_index
 from hsc_fast.errors import ConfigError, DataError
 from hsc_fast.data import samples as S
 from hsc_fast.data.folder import FolderDataset, decode_eval_sample
@@ -139,6 +140,11 @@ class ShardSet:
     def has_saliency(self) -> bool:
         return bool(self.index and self.index.get("has_saliency"))
 
+    @property
+    def class_set(self) -> ClassSet:
+        """The classes the index records (shards without an index, or from before the key: VOC)."""
+        return from_index(self.index, "shard index") if self.index else VOC
+
 
 def _worker_slot() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
@@ -210,7 +216,8 @@ class _TrainStream(torch.utils.data.IterableDataset):
     def _decode(self, sample: dict, rng: np.random.Generator) -> dict:
         where = S.sample_where(sample)
         image = S.open_jpeg(S.member(sample, S.IMAGE, where), where)
-        item = {"key": sample[S.KEY], "label": torch.from_numpy(S.decode_labels(S.member(sample, S.LABELS, where), where))}
+        labels = S.decode_labels(S.member(sample, S.LABELS, where), where, self.source.class_set)
+        item = {"key": sample[S.KEY], "label": torch.from_numpy(labels)}
         sal = S.open_saliency(S.member(sample, S.SALIENCY, where), where, image.size) if self.with_saliency else None
         item.update(self.transform(image, rng, sal))
         return item
@@ -278,7 +285,7 @@ def collate(items: Sequence[dict], skipped: int = 0) -> dict:
 class TrainLoader:
     """Iterable of training batches for one rank; re-iterable per epoch.
 
-    Batches: ``img`` float (B, 3, S, S) normalised view 1, ``label`` float (B, 20) multi-hot,
+    Batches: ``img`` float (B, 3, S, S) normalised view 1, ``label`` float (B, K) multi-hot,
     ``valid`` bool (B, 1, S, S) (False on crop padding), ``sal`` float (B, 1, S, S) in [0, 1] when
     the data has saliency, ``key`` list[str]. Workers send uint8 crops; the normalisation runs
     here, after the move to ``device`` (see :func:`hsc_fast.data.transforms.finish_batch`). View 2 is
@@ -349,6 +356,28 @@ def open_train_source(data_cfg):
     raise ConfigError(f"data.train = {data_cfg.train!r}: not a shard index, shard URL or folder")
 
 
+def source_class_set(source) -> ClassSet:
+    """The class set of a data source: a shard index's 'classes' (VOC without one), a VOC-layout
+    tree's classes.json (VOC without one)."""
+    if is_shard_source(source):
+        return ShardSet(source).class_set
+    from hsc_fast.data.folder import find_voc_root, folder_classes
+    return folder_classes(find_voc_root(source))
+
+
+def resolve_run_classes(cfg, source) -> ClassSet:
+    """Resolve ``data.classes`` (auto: the class set of ``source``) into ``cfg`` once, before any
+    work: it names the set and sets model.num_classes = K+1 (hsc_fast.config.apply_class_set).
+    A config that already names its set keeps it (checked against the source's)."""
+    from hsc_fast.config import apply_class_set
+    try:
+        classes = source_class_set(source)
+    except DataError as e:
+        raise ConfigError(f"{source}: {e}") from e
+    apply_class_set(cfg, classes)
+    return classes
+
+
 def build_train_loader(data_cfg, rank: int = 0, world_size: int = 1, seed: int = 0, device=None, *,
                        epoch: int = 0, skip_batches: int = 0, epoch_samples: Optional[int] = None) -> TrainLoader:
     """The training batches of ``rank`` (see :class:`TrainLoader`), deterministic given
@@ -373,8 +402,8 @@ def build_train_loader(data_cfg, rank: int = 0, world_size: int = 1, seed: int =
 
 # ------------------------------------------------------------------------------ evaluation stream
 class EvalStream(torch.utils.data.IterableDataset):
-    """Finite stream of ``(key, image uint8 (H, W, 3), label float32 (20,), mask uint8 (H, W) or None)``;
-    across ranks x workers every selected sample appears exactly once."""
+    """Finite stream of ``(key, image uint8 (H, W, 3), label float32 (K,), mask uint8 (H, W) or None)``;
+    across ranks x workers every selected sample appears exactly once. ``class_set``: the source's."""
 
     def __init__(self, source, ids: Optional[Sequence[str]], rank: int, world_size: int):
         super().__init__()
@@ -418,8 +447,13 @@ class EvalStream(torch.utils.data.IterableDataset):
                 yield sample
 
     def __iter__(self):
+        classes = self.class_set
         for sample in self._raw():
-            yield decode_eval_sample(sample)
+            yield decode_eval_sample(sample, classes)
+
+    @property
+    def class_set(self) -> ClassSet:
+        return self.source.class_set
 
     def loader(self, num_workers: int = 0) -> torch.utils.data.DataLoader:
         """A DataLoader over this stream that passes the tuples through unchanged."""

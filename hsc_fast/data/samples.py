@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from hsc_fast import NUM_FG
+from hsc_fast.classes import VOC, ClassSet
 from hsc_fast.errors import DataError
 from hsc_fast.data.voc import classes_to_multihot, read_label_png
 
@@ -43,17 +43,17 @@ def encode_labels(classes) -> bytes:
     return json.dumps(sorted(int(c) for c in classes), separators=(",", ":")).encode("ascii")
 
 
-def decode_labels(data: bytes, where: str) -> np.ndarray:
-    """``cls.json`` bytes -> float32 (20,) multi-hot; the list must be sorted distinct ints 1..20."""
+def decode_labels(data: bytes, where: str, classes: ClassSet = VOC) -> np.ndarray:
+    """``cls.json`` bytes -> float32 (K,) multi-hot; the list must be sorted distinct ints 1..K."""
     try:
-        classes = json.loads(bytes(data).decode("utf-8"))
+        labels = json.loads(bytes(data).decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, over-long ints, deep nesting
         raise DataError(f"{where}: {LABELS} is not valid JSON ({str(e)[:200]})") from e
-    if (not isinstance(classes, list)
-            or not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= NUM_FG for c in classes)
-            or classes != sorted(set(classes))):
-        raise DataError(f"{where}: {LABELS} is {classes!r}; expected a sorted list of distinct class indices 1..{NUM_FG}")
-    return classes_to_multihot(classes)
+    if (not isinstance(labels, list)
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= classes.num_fg for c in labels)
+            or labels != sorted(set(labels))):
+        raise DataError(f"{where}: {LABELS} is {labels!r}; expected a sorted list of distinct class indices 1..{classes.num_fg}")
+    return classes_to_multihot(labels, classes)
 
 
 def open_jpeg(data: bytes, where: str) -> Image.Image:
@@ -82,11 +82,11 @@ def open_saliency(data: bytes, where: str, size: Optional[tuple] = None) -> Imag
     return im if im.mode == "L" else im.convert("L")
 
 
-def decode_mask(data: bytes, where: str) -> np.ndarray:
+def decode_mask(data: bytes, where: str, classes: ClassSet = VOC) -> np.ndarray:
     """``seg.png`` bytes -> uint8 (H, W) class indices (decoded ourselves: a generic 'rgb8' decoder
     would expand the palette to three colour channels)."""
     try:
-        return read_label_png(bytes(data))
+        return read_label_png(bytes(data), classes)
     except DataError as e:
         raise DataError(f"{where}: {MASK}: {e}") from e
 

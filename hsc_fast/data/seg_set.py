@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hsc_fast import IGNORE_INDEX
+from hsc_fast.classes import IGNORE_INDEX
 from hsc_fast.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,11 +59,13 @@ class SegTrainSet(torch.utils.data.Dataset):
     """(image, label) pairs by id with the DeepLab augmentation; deterministic per (seed, index, epoch)."""
 
     def __init__(self, ids: Sequence[str], read_image: Callable[[str], np.ndarray], label_dir: str,
-                 *, crop: int, scale_range: Sequence[float], flip: bool = True, seed: int = 0):
+                 *, crop: int, scale_range: Sequence[float], flip: bool = True, seed: int = 0, classes=None):
+        from hsc_fast.classes import VOC
         from hsc_fast.data.voc import read_label_png, safe_join
         self.ids = list(ids)
         self.read_image = read_image
         self.label_dir = Path(label_dir)
+        self.classes = classes or VOC  # label PNGs hold 0..K and 255
         self._read_label = read_label_png
         self._safe_join = safe_join
         self.crop, self.scale_range, self.flip, self.seed = crop, scale_range, flip, seed
@@ -81,7 +83,7 @@ class SegTrainSet(torch.utils.data.Dataset):
         if not path.is_file():
             raise DataError(f"no label PNG for id '{key}': expected {path}")
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        x, y = seg_augment(self.read_image(key), self._read_label(path), rng, crop=self.crop,
+        x, y = seg_augment(self.read_image(key), self._read_label(path, self.classes), rng, crop=self.crop,
                            scale_range=self.scale_range, flip=self.flip)
         return {"img": x, "label": y, "key": key}
 

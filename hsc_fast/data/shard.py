@@ -1,9 +1,14 @@
-"""Pack a VOC/SBD id list into WebDataset shards, and verify shards.
+"""Pack a VOC/SBD id list (or MS COCO, :mod:`hsc_fast.data.coco`) into WebDataset shards, and verify shards.
 
     python -m hsc_fast.cli.shard --voc-root VOC2012 [--sbd-root SBD] --list train_aug.txt \\
         [--cls-labels cls_labels.npy] [--saliency-root SaliencyMaps] --out shards/ \\
         [--shard-size 1000] [--workers 4] [--skip-bad]
+    python -m hsc_fast.cli.shard --coco-root COCO --coco-split train2014 --out shards/ [...]
     python -m hsc_fast.cli.shard --verify shards/
+
+A dataset source plugs in through :func:`write_shards`: a list of ``(id, item)`` pairs in shard
+order and a builder turning one item into a raw sample (the tar writing, worker pool, temporary
+folder, atomic publishing and index are shared).
 
 Output: ``{out}/{name}-{000000}.tar`` (name = the list file's stem) with one sample per id
 (members: see :mod:`hsc_fast.data.samples`; the JPEG is the original file, byte for byte) and
@@ -28,10 +33,11 @@ import tarfile
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from hsc_fast.io import atomic_write_text
 from hsc_fast import __version__
+from hsc_fast.classes import VOC, ClassSet, from_index
 from hsc_fast.data import samples as S
 from hsc_fast.data.folder import FolderDataset
 from hsc_fast.errors import DataError
@@ -68,22 +74,37 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-_DATASET: Optional[FolderDataset] = None  # one per pool worker (labels loaded once)
+_BUILD: Optional[Callable[[Any], dict]] = None  # one per pool worker: item -> raw sample dict
 
 
-def _init_worker(dataset_args: tuple) -> None:
-    global _DATASET
-    _DATASET = FolderDataset(*dataset_args)
+class _VocBuilder:
+    """A VOC item (its id) -> its raw sample: FolderDataset.raw_sample with the mask, fully validated."""
+
+    def __init__(self, dataset: FolderDataset):
+        self.dataset = dataset
+
+    def __call__(self, image_id: str) -> dict:
+        return self.dataset.raw_sample(image_id, with_mask=True, validate=True)
+
+
+def _voc_builder(*dataset_args) -> _VocBuilder:
+    """Each pool worker builds its own FolderDataset (labels loaded once per worker, not pickled)."""
+    return _VocBuilder(FolderDataset(*dataset_args))
+
+
+def _init_worker(factory: Callable, factory_args: tuple) -> None:
+    global _BUILD
+    _BUILD = factory(*factory_args)
 
 
 def _build_shard(job: tuple) -> dict:
     """Validate and write one shard into the temp folder; returns its index entry and bad ids.
     With bad ids and no ``skip_bad`` the tar is not written (the run will fail anyway)."""
-    number, file_name, ids, tmp_dir, skip_bad = job
+    number, file_name, items, tmp_dir, skip_bad = job
     good, bad = [], []
-    for image_id in ids:
+    for image_id, item in items:
         try:
-            good.append(_DATASET.raw_sample(image_id, with_mask=True, validate=True))
+            good.append(_BUILD(item))
         except DataError as e:
             bad.append({"id": image_id, "error": str(e)})
     entry = {"file": file_name, "ids": [s[S.KEY] for s in good], "count": len(good)}
@@ -95,19 +116,19 @@ def _build_shard(job: tuple) -> dict:
     return {"number": number, "entry": entry, "bad": bad}
 
 
-def _run_jobs(jobs: list, dataset: FolderDataset, dataset_args: tuple, workers: int, total: int,
+def _run_jobs(jobs: list, builder: Callable, factory: Callable, factory_args: tuple, workers: int, total: int,
               progress: bool) -> list:
-    global _DATASET
+    global _BUILD
     from tqdm import tqdm
     results = []
     with tqdm(total=total, unit="img", desc="shards", disable=not progress) as bar:
         if workers <= 1:
-            _DATASET = dataset
+            _BUILD = builder
             for job in jobs:
                 results.append(_build_shard(job))
                 bar.update(len(job[2]))
         else:
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(dataset_args,)) as pool:
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(factory, factory_args)) as pool:
                 futures = {pool.submit(_build_shard, job): job for job in jobs}
                 for fut in as_completed(futures):
                     results.append(fut.result())
@@ -144,26 +165,42 @@ def shard_dataset(voc_root, id_list, out, *, sbd_root=None, cls_labels=None, sal
     dataset_args = (str(voc_root), ids, str(sbd_root) if sbd_root else None,
                     str(cls_labels) if cls_labels else None, str(saliency_root) if saliency_root else None)
     dataset = FolderDataset(*dataset_args)  # fail fast on bad roots / label file, before any worker starts
+    return write_shards(
+        out, name, [(i, i) for i in ids], _VocBuilder(dataset), _voc_builder, dataset_args,
+        shard_size=shard_size, workers=workers, skip_bad=skip_bad, progress=progress,
+        make_index=lambda results, bad: _make_index(name, results, bad, shard_size, dataset_args, id_list,
+                                                    dataset.class_set))
+
+
+def write_shards(out, name: str, items: Sequence[tuple], builder: Callable[[Any], dict], factory: Callable,
+                 factory_args: tuple, *, shard_size: int, workers: int = 1, skip_bad: bool = False,
+                 progress: bool = True, make_index: Callable[[list, list], dict]) -> dict:
+    """The shared writer of every dataset source. ``items``: ``(id, item)`` pairs in shard order;
+    ``builder(item)`` returns the raw sample (raising DataError for a bad one) in this process,
+    ``factory(*factory_args)`` makes the same builder in each pool worker (``workers > 1``; both must
+    pickle). Shards ``{name}-{k:06d}.tar`` of ``shard_size`` items are built in a temporary folder
+    inside ``out`` and published atomically with ``make_index(results, bad)`` as index.json (last).
+    Bad items: DataError listing them, nothing published, unless ``skip_bad``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(dir=out, prefix=".hsc-shard-tmp-"))
     try:
-        chunks = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
+        chunks = [list(items[i:i + shard_size]) for i in range(0, len(items), shard_size)]
         jobs = [(k, f"{name}-{k:06d}.tar", chunk, str(tmp_dir), skip_bad) for k, chunk in enumerate(chunks)]
-        results = _run_jobs(jobs, dataset, dataset_args, workers, len(ids), progress)
+        results = _run_jobs(jobs, builder, factory, factory_args, workers, len(items), progress)
         bad = [b for r in results for b in r["bad"]]
         if bad and not skip_bad:
             raise DataError(_bad_summary(bad))
-        index = _make_index(name, results, bad, shard_size, dataset_args, id_list)
+        index = make_index(results, bad)
         _publish(out, tmp_dir, index)
         return index
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _make_index(name, results, bad, shard_size, dataset_args, id_list) -> dict:
-    voc_root, _, sbd_root, cls_labels, saliency_root = dataset_args
-    absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+def base_index(name: str, results: list, skipped: list, shard_size: int, classes, members: Sequence[str],
+               sources: dict, has_saliency: bool = False) -> dict:
+    """The index.json of any source: shards from ``results`` (of :func:`write_shards`), its class set."""
     shards = [r["entry"] for r in results]
     return {
         "format": INDEX_FORMAT,
@@ -171,13 +208,24 @@ def _make_index(name, results, bad, shard_size, dataset_args, id_list) -> dict:
         "name": name,
         "count": sum(e["count"] for e in shards),
         "shard_size": shard_size,
-        "has_saliency": saliency_root is not None,
-        "members": [m for m in S.MEMBERS if m != S.SALIENCY or saliency_root is not None],
-        "sources": {"voc_root": absolute(voc_root), "sbd_root": absolute(sbd_root), "list": absolute(id_list),
-                    "cls_labels": absolute(cls_labels), "saliency_root": absolute(saliency_root)},
-        "skipped": bad,
+        "classes": classes.to_json(),
+        "has_saliency": has_saliency,
+        "members": list(members),
+        "sources": sources,
+        "skipped": skipped,
         "shards": shards,
     }
+
+
+def _make_index(name, results, bad, shard_size, dataset_args, id_list, classes) -> dict:
+    voc_root, _, sbd_root, cls_labels, saliency_root = dataset_args
+    absolute = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+    return base_index(
+        name, results, bad, shard_size, classes,
+        members=[m for m in S.MEMBERS if m != S.SALIENCY or saliency_root is not None],
+        sources={"voc_root": absolute(voc_root), "sbd_root": absolute(sbd_root), "list": absolute(id_list),
+                 "cls_labels": absolute(cls_labels), "saliency_root": absolute(saliency_root)},
+        has_saliency=saliency_root is not None)
 
 
 def _publish(out: Path, tmp_dir: Path, index: dict) -> None:
@@ -195,21 +243,22 @@ def _publish(out: Path, tmp_dir: Path, index: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------ verifying
-def _check_member(key: str, ext: str, data: bytes, where: str) -> None:
+def _check_member(key: str, ext: str, data: bytes, where: str, classes: ClassSet = VOC) -> None:
     if ext == S.IMAGE:
         S.open_jpeg(data, where)
     elif ext == S.LABELS:
-        S.decode_labels(data, where)
+        S.decode_labels(data, where, classes)
     elif ext == S.MASK:
-        S.decode_mask(data, where)
+        S.decode_mask(data, where, classes)
     elif ext == S.SALIENCY:
         S.open_saliency(data, where)
     else:
         raise DataError(f"{where}: unexpected member '.{ext}' (expected one of {', '.join(S.MEMBERS)})")
 
 
-def _verify_tar(path: Path, expected_ids: list, problems: list) -> int:
-    """Check every member of one shard; returns the number of samples seen."""
+def _verify_tar(path: Path, expected_ids: list, problems: list, classes: ClassSet = VOC) -> int:
+    """Check every member of one shard (labels and masks against ``classes``); returns the number
+    of samples seen."""
     shard = path.name
     seen: list[str] = []
     members: dict[str, set] = {}
@@ -225,7 +274,7 @@ def _verify_tar(path: Path, expected_ids: list, problems: list) -> int:
                     seen.append(key)
                 members.setdefault(key, set()).add(ext)
                 try:
-                    _check_member(key, ext, tf.extractfile(info).read(), where)
+                    _check_member(key, ext, tf.extractfile(info).read(), where, classes)
                 except DataError as e:
                     problems.append({"shard": shard, "key": key, "problem": str(e)})
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -260,7 +309,8 @@ def _report_unlisted(directory: Path, listed: set, problems: list) -> None:
 
 
 def verify_shards(directory) -> dict:
-    """Re-read every shard listed in ``directory``/index.json. Report:
+    """Re-read every shard listed in ``directory``/index.json, decoding labels and masks with the
+    class set the index records (VOC, COCO, ...). Report:
     ``{"ok", "directory", "shards", "samples", "problems": [{"shard", "key", "problem"}]}``."""
     directory = Path(directory)
     index_path = directory / INDEX_NAME
@@ -270,6 +320,7 @@ def verify_shards(directory) -> dict:
         assert isinstance(entries, list)
     except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as e:
         raise DataError(f"{index_path}: not a readable shard index ({str(e)[:200]})") from e
+    classes = from_index(index, str(index_path))  # VOC for indexes written before the key
     problems: list[dict] = []
     n_samples = 0
     for entry in entries:
@@ -288,7 +339,7 @@ def verify_shards(directory) -> dict:
         if digest != entry.get("sha256"):
             problems.append({"shard": file_name, "key": None,
                              "problem": f"sha256 {digest[:16]}... differs from index.json {str(entry.get('sha256'))[:16]}..."})
-        n_samples += _verify_tar(path, entry.get("ids", []), problems)
+        n_samples += _verify_tar(path, entry.get("ids", []), problems, classes)
     _report_unlisted(directory, {e.get("file") for e in entries}, problems)
     return {"ok": not problems, "directory": str(directory), "shards": len(entries), "samples": n_samples,
             "problems": problems}

@@ -8,7 +8,8 @@
     DIR/VOC2012/ImageSets/Segmentation/{train_aug,train,val}.txt
     DIR/SBD/{img/*.jpg, cls/*.mat}          SBD-only train ids (no VOC jpg/png/xml, like train_aug)
     DIR/SaliencyMaps/*.png                  uint8 noisy foreground probability (PFAN-like)
-    DIR/cls_labels.npy                      IRN format: int key 2100000001 -> float32 (20,)
+    DIR/cls_labels.npy                      IRN format: int key 2100000001 -> float32 (K,)
+    DIR/VOC2012/classes.json                the class set when K != 20 (``generate(..., num_fg=K)``)
     DIR/synth_meta.json                     the generation arguments
 
 The content is built so that weak supervision is non-trivial: each class has its own shape family,
@@ -34,7 +35,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
-from hsc_fast import NUM_FG, VOC_CLASSES
+from hsc_fast.classes import CLASSES_FILE, VOC, ClassSet, synthetic
+from hsc_fast.classes import save as save_classes
 from hsc_fast.errors import ConfigError
 from hsc_fast.data.voc import classes_in_mask, classes_to_multihot, encode_label_png, save_cls_labels_npy, write_sbd_mat
 
@@ -110,8 +112,29 @@ CLASS_SPECS: tuple = (None,) + (
 )
 SCENES = ("sky", "water", "grass", "road", "indoor", "clutter")
 CONTEXT_PROB = 0.8     # probability that the main object's typical scene is used
-CLASS_WEIGHTS = np.array([3.0 if c == 15 else 1.0 for c in range(1, NUM_FG + 1)])  # person is common, as in VOC
-CLASS_WEIGHTS /= CLASS_WEIGHTS.sum()
+TEXTURES = ("stripes", "checker", "dots", "rings", "waves", "noise")
+
+
+@functools.lru_cache(maxsize=None)
+def class_spec(c: int) -> ClassSpec:
+    """The spec of class ``c``: the hand-made table for 1..20; beyond it (K-class sets, e.g. 80
+    like COCO) the shape, part and group of class ((c-1) mod 20) + 1 with colours, part texture
+    and scene drawn from a generator seeded by c (fixed: class c looks the same in every set)."""
+    if c < len(CLASS_SPECS):
+        return CLASS_SPECS[c]
+    base = CLASS_SPECS[(c - 1) % (len(CLASS_SPECS) - 1) + 1]
+    rng = np.random.default_rng([2103, c])
+    colour = lambda: _c(*rng.integers(10, 250, 3))  # noqa: E731
+    return ClassSpec(base.shape, base.params, base.part, base.part_arg, base.group, (colour(), colour()),
+                     TEXTURES[int(rng.integers(len(TEXTURES)))], float(rng.uniform(3.0, 10.0)),
+                     float(rng.uniform(0.0, 180.0)), (colour(), colour()), SCENES[int(rng.integers(len(SCENES)))])
+
+
+@functools.lru_cache(maxsize=None)
+def class_weights(num_fg: int) -> np.ndarray:
+    """Sampling weights of classes 1..K: person (15) three times as common, as in VOC."""
+    w = np.array([3.0 if c == 15 else 1.0 for c in range(1, num_fg + 1)])
+    return w / w.sum()
 
 
 # ---------------------------------------------------------------------------------- small helpers
@@ -338,7 +361,7 @@ def _indoor(size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _choose_scene(rng: np.random.Generator, main_cls: int) -> str:
-    typical = CLASS_SPECS[main_cls].scene
+    typical = class_spec(main_cls).scene
     if typical != "any" and rng.random() < CONTEXT_PROB:
         return typical
     return SCENES[rng.integers(len(SCENES))]
@@ -346,11 +369,12 @@ def _choose_scene(rng: np.random.Generator, main_cls: int) -> str:
 
 # -------------------------------------------------------------------------------------- layouts
 
-def _sample_objects(rng: np.random.Generator, size: int, classes: Optional[Sequence[int]] = None) -> list[_Object]:
-    """Random objects (1-3, VOC-like class frequencies), or exactly `classes` when given."""
+def _sample_objects(rng: np.random.Generator, size: int, classes: Optional[Sequence[int]] = None,
+                    num_fg: int = VOC.num_fg) -> list[_Object]:
+    """Random objects (1-3 of classes 1..num_fg, VOC-like frequencies), or exactly `classes` when given."""
     if classes is None:
         n = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
-        classes = list(rng.choice(np.arange(1, NUM_FG + 1), size=n, replace=False, p=CLASS_WEIGHTS))
+        classes = list(rng.choice(np.arange(1, num_fg + 1), size=n, replace=False, p=class_weights(num_fg)))
         if n > 1 and rng.random() < 0.15:  # a second instance of the main class (two persons, ...)
             classes[-1] = classes[0]
     objs = []
@@ -369,7 +393,7 @@ def _instance_map(objs: list[_Object], size: int) -> tuple[np.ndarray, list]:
     geo = []
     for k, obj in enumerate(objs, start=1):
         win, u, v = _object_coords(obj, size)
-        whole, part = _object_regions(CLASS_SPECS[obj.cls], u, v)
+        whole, part = _object_regions(class_spec(obj.cls), u, v)
         y0, y1, x0, x1 = win
         inst[y0:y1, x0:x1][whole] = k
         geo.append((win, u, v, whole, part))
@@ -389,11 +413,11 @@ def _boundary_band(seg: np.ndarray, radius: int) -> np.ndarray:
     return _dilate(edge, radius)
 
 
-def _visible_layout(rng, size, band_radius, classes=None):
+def _visible_layout(rng, size, band_radius, classes=None, num_fg: int = VOC.num_fg):
     """Sample objects; drop the ones whose visible core (outside the band) is too small."""
     min_core = max(48, int(0.004 * size * size))
     for _ in range(20):
-        objs = _sample_objects(rng, size, classes)
+        objs = _sample_objects(rng, size, classes, num_fg)
         for _ in range(len(objs)):
             inst, geo = _instance_map(objs, size)
             band = _boundary_band(_labels(objs, inst), band_radius)
@@ -410,7 +434,7 @@ def _visible_layout(rng, size, band_radius, classes=None):
 # ------------------------------------------------------------------------------------- rendering
 
 def _paint_object(canvas: np.ndarray, obj: _Object, geo, rng) -> None:
-    spec = CLASS_SPECS[obj.cls]
+    spec = class_spec(obj.cls)
     (y0, y1, x0, x1), u, v, whole, part = geo
     # Work on the object's pixels only (1-D), not on its whole window.
     uw, vw, partw = u[whole], v[whole], part[whole]
@@ -451,11 +475,12 @@ class Scene:
     instances: list         # [(class, (xmin, ymin, xmax, ymax) 0-based inclusive, truncated)]
 
 
-def render_scene(rng: np.random.Generator, size: int = 256, classes: Optional[Sequence[int]] = None) -> Scene:
-    """One synthetic image with its masks, saliency map and instance boxes; `classes` (1..20) fixes
-    the objects (e.g. one object of a chosen class for hsc_fast.engine.pretrain) instead of sampling them."""
+def render_scene(rng: np.random.Generator, size: int = 256, classes: Optional[Sequence[int]] = None,
+                 num_fg: int = VOC.num_fg) -> Scene:
+    """One synthetic image with its masks, saliency map and instance boxes; objects of classes
+    1..num_fg, or `classes` fixes them (e.g. one object of a chosen class for hsc_fast.engine.pretrain)."""
     band_radius = int(rng.integers(1, 3))  # 3 or 5 px wide, like VOC's ~5 px band
-    objs, inst, geo, band = _visible_layout(rng, size, band_radius, classes)
+    objs, inst, geo, band = _visible_layout(rng, size, band_radius, classes, num_fg)
     scene = _choose_scene(rng, objs[0].cls)
     canvas = _background(scene, size, rng)
     canvas *= rng.normal(1.0, 0.06, 3).astype(np.float32)  # global colour cast
@@ -502,11 +527,11 @@ def _encode_grey_png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def voc_xml(image_id: str, scene: Scene) -> bytes:
+def voc_xml(image_id: str, scene: Scene, classes: ClassSet = VOC) -> bytes:
     """VOC annotation XML for the visible instances (1-based inclusive pixel boxes, like VOC)."""
     h, w = scene.mask.shape
     objects = "".join(
-        f"\t<object>\n\t\t<name>{VOC_CLASSES[c - 1]}</name>\n\t\t<pose>Unspecified</pose>\n"
+        f"\t<object>\n\t\t<name>{classes.names[c - 1]}</name>\n\t\t<pose>Unspecified</pose>\n"
         f"\t\t<truncated>{int(trunc)}</truncated>\n\t\t<difficult>0</difficult>\n"
         f"\t\t<bndbox>\n\t\t\t<xmin>{x0 + 1}</xmin>\n\t\t\t<ymin>{y0 + 1}</ymin>\n"
         f"\t\t\t<xmax>{x1 + 1}</xmax>\n\t\t\t<ymax>{y1 + 1}</ymax>\n\t\t</bndbox>\n\t</object>\n"
@@ -538,9 +563,13 @@ def _check_args(n_train, n_val, size, sbd_fraction):
         raise ConfigError(f"sbd_fraction={sbd_fraction}: expected 0 <= fraction < 1")
 
 
-def generate(out, n_train: int, n_val: int, seed: int, size: int = 256, sbd_fraction: float = 0.3) -> dict:
-    """Write the synthetic dataset under ``out`` (see the module docstring); returns a summary dict."""
+def generate(out, n_train: int, n_val: int, seed: int, size: int = 256, sbd_fraction: float = 0.3,
+             num_fg: int = VOC.num_fg) -> dict:
+    """Write the synthetic dataset under ``out`` (see the module docstring); returns a summary dict.
+    ``num_fg``: K classes (20: VOC's names and files byte-identical to before; else 'synth01'.. and
+    ``VOC2012/classes.json`` beside the VOC-layout tree, which the readers then use)."""
     _check_args(n_train, n_val, size, sbd_fraction)
+    classes = synthetic(num_fg)
     out = Path(out)
     voc_root, sbd_root = out / "VOC2012", out / "SBD"
     dirs = [voc_root / "JPEGImages", voc_root / "SegmentationClass", voc_root / "Annotations",
@@ -550,35 +579,39 @@ def generate(out, n_train: int, n_val: int, seed: int, size: int = 256, sbd_frac
     train, sbd, val = split_ids(n_train, n_val, seed, sbd_fraction)
     sbd_set = set(sbd)
     labels: dict[str, np.ndarray] = {}
-    class_counts = np.zeros(NUM_FG + 1, np.int64)
+    class_counts = np.zeros(classes.num_classes, np.int64)
     scene_counts: dict[str, int] = {}
     t0 = time.perf_counter()
     for image_id in train + val:
-        scene = render_scene(image_rng(seed, image_id), size)
+        scene = render_scene(image_rng(seed, image_id), size, num_fg=num_fg)
         jpg = _encode_jpeg(scene.rgb)
         if image_id in sbd_set:
             (sbd_root / "img" / f"{image_id}.jpg").write_bytes(jpg)
-            write_sbd_mat(sbd_root / "cls" / f"{image_id}.mat", scene.seg)
+            write_sbd_mat(sbd_root / "cls" / f"{image_id}.mat", scene.seg, classes)
         else:
             (voc_root / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpg)
-            (voc_root / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_label_png(scene.mask))
-            (voc_root / "Annotations" / f"{image_id}.xml").write_bytes(voc_xml(image_id, scene))
+            (voc_root / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_label_png(scene.mask, classes))
+            (voc_root / "Annotations" / f"{image_id}.xml").write_bytes(voc_xml(image_id, scene, classes))
         (out / "SaliencyMaps" / f"{image_id}.png").write_bytes(_encode_grey_png(scene.saliency))
-        classes = classes_in_mask(scene.mask)
-        labels[image_id] = classes_to_multihot(classes)
-        class_counts[classes] += 1
+        present = classes_in_mask(scene.mask, classes)
+        labels[image_id] = classes_to_multihot(present, classes)
+        class_counts[present] += 1
         scene_counts[scene.scene] = scene_counts.get(scene.scene, 0) + 1
     seconds = time.perf_counter() - t0
     lists = voc_root / "ImageSets" / "Segmentation"
     (lists / "train_aug.txt").write_text("".join(f"{i}\n" for i in train))
     (lists / "train.txt").write_text("".join(f"{i}\n" for i in train if i not in sbd_set))
     (lists / "val.txt").write_text("".join(f"{i}\n" for i in val))
-    save_cls_labels_npy(out / "cls_labels.npy", labels)
+    save_cls_labels_npy(out / "cls_labels.npy", labels, classes)
+    if classes is not VOC:
+        save_classes(voc_root / CLASSES_FILE, classes)
     meta = {"generator": "hsc_fast.data.synth", "seed": seed, "size": size, "n_train": n_train, "n_val": n_val,
             "n_sbd": len(sbd), "sbd_fraction": sbd_fraction, "jpeg_quality": JPEG_QUALITY}
+    if classes is not VOC:  # the 20-class meta stays as it was
+        meta["num_fg"] = num_fg
     (out / "synth_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     n = len(train) + len(val)
     return {"images": n, "train_aug": len(train), "train_voc": len(train) - len(sbd), "sbd": len(sbd),
             "val": len(val), "seconds": seconds, "images_per_s": n / max(seconds, 1e-9),
-            "class_counts": {VOC_CLASSES[c - 1]: int(class_counts[c]) for c in range(1, NUM_FG + 1)},
+            "class_counts": {classes.names[c - 1]: int(class_counts[c]) for c in range(1, classes.num_fg + 1)},
             "scene_counts": dict(sorted(scene_counts.items()))}

@@ -4,9 +4,10 @@ Every reader validates what it reads and raises :class:`hsc_fast.errors.DataErro
 (and line / key / field) and what was expected. Readers accept a path or the raw bytes (shard
 members arrive as bytes). Writers are deterministic: same input -> byte-identical file.
 
-Class indices follow VOC: 0 background, 1..20 the classes of ``hsc_fast.VOC_CLASSES`` (index - 1),
+Class indices follow VOC: 0 background, 1..20 the classes of ``hsc_fast.classes.VOC_CLASSES`` (index - 1),
 255 ignore. Image-level labels are 20-element multi-hot vectors without background (position c-1
-for class c), as in IRN's ``cls_labels.npy``.
+for class c), as in IRN's ``cls_labels.npy``. The label helpers take a ``classes`` ClassSet
+(default VOC): COCO and synthetic sets use them with their own class count (1..K).
 """
 from __future__ import annotations
 
@@ -22,35 +23,20 @@ from typing import Iterable, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from hsc_fast import IGNORE_INDEX, NUM_FG, VOC_CLASSES
+from hsc_fast.classes import IGNORE_INDEX, PALETTE, VOC, ClassSet
 from hsc_fast.errors import DataError
 
 PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
-VOC_CLASS_NAMES = ("background",) + tuple(VOC_CLASSES)  # index -> name, 0..20
-CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASS_NAMES)}  # name -> index
+VOC_CLASS_NAMES = VOC.label_names  # index -> name, 0..20
+_VOC_INDEX = {name: i for i, name in enumerate(VOC_CLASS_NAMES)}  # VOC XML name -> index
 
 # An id is one path component made of safe characters (VOC ids look like 2007_000032).
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
-def _make_voc_palette() -> np.ndarray:
-    """The standard VOC colour map: the bits of the index are interleaved into R, G, B (MSB first)."""
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal
-
-
-VOC_PALETTE = _make_voc_palette()  # (256, 3) uint8; entry 255 is (224, 224, 192), the VOC boundary colour
+VOC_PALETTE = PALETTE  # (256, 3) uint8; entry 255 is (224, 224, 192), the VOC boundary colour
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -68,33 +54,33 @@ def _read_bytes(src: PathOrBytes) -> bytes:
         raise DataError(f"{src}: cannot read file ({e.strerror or e})") from e
 
 
-def class_name(index: int) -> str:
-    """VOC name of class ``index`` (0 = 'background')."""
-    if not 0 <= int(index) <= NUM_FG:
-        raise DataError(f"class index {index}: expected 0..{NUM_FG}")
-    return VOC_CLASS_NAMES[int(index)]
+def class_name(index: int, classes: ClassSet = VOC) -> str:
+    """Name of class ``index`` (0 = 'background')."""
+    if not 0 <= int(index) <= classes.num_fg:
+        raise DataError(f"class index {index}: expected 0..{classes.num_fg}")
+    return classes.label_names[int(index)]
 
 
-def class_index(name: str) -> int:
-    """VOC class index (1..20, or 0 for 'background') of ``name``."""
+def class_index(name: str, classes: ClassSet = VOC) -> int:
+    """Class index (1..K, or 0 for 'background') of ``name``."""
     try:
-        return CLASS_INDEX[name]
-    except KeyError:
-        raise DataError(f"class name {name!r}: expected one of {', '.join(VOC_CLASSES)}") from None
+        return classes.label_names.index(name)
+    except ValueError:
+        raise DataError(f"class name {name!r}: expected one of {', '.join(classes.names)}") from None
 
 
-def classes_to_multihot(classes: Iterable[int]) -> np.ndarray:
-    """Class indices 1..20 -> float32 (20,) multi-hot (no background)."""
-    vec = np.zeros(NUM_FG, dtype=np.float32)
-    for c in classes:
-        if not 1 <= int(c) <= NUM_FG:
-            raise DataError(f"class index {c}: expected 1..{NUM_FG}")
+def classes_to_multihot(classes_present: Iterable[int], classes: ClassSet = VOC) -> np.ndarray:
+    """Class indices 1..K -> float32 (K,) multi-hot (no background)."""
+    vec = np.zeros(classes.num_fg, dtype=np.float32)
+    for c in classes_present:
+        if not 1 <= int(c) <= classes.num_fg:
+            raise DataError(f"class index {c}: expected 1..{classes.num_fg}")
         vec[int(c) - 1] = 1.0
     return vec
 
 
 def multihot_to_classes(vec: np.ndarray) -> list[int]:
-    """float (20,) multi-hot -> sorted class indices 1..20."""
+    """float (K,) multi-hot -> sorted class indices 1..K."""
     return [int(i) + 1 for i in np.flatnonzero(np.asarray(vec) > 0.5)]
 
 
@@ -123,23 +109,23 @@ def safe_join(root: Union[str, os.PathLike], *parts: str) -> Path:
     return joined
 
 
-def classes_in_mask(arr: np.ndarray) -> list[int]:
-    """Sorted foreground classes (1..20) present in a label mask (0 and 255 are not classes)."""
+def classes_in_mask(arr: np.ndarray, classes: ClassSet = VOC) -> list[int]:
+    """Sorted foreground classes (1..K) present in a label mask (0 and 255 are not classes)."""
     counts = np.bincount(np.asarray(arr, dtype=np.uint8).ravel(), minlength=256)
-    return [c for c in range(1, NUM_FG + 1) if counts[c] > 0]
+    return [c for c in range(1, classes.num_fg + 1) if counts[c] > 0]
 
 
-def _check_label_values(arr: np.ndarray, where: str) -> None:
+def _check_label_values(arr: np.ndarray, where: str, classes: ClassSet) -> None:
     counts = np.bincount(arr.ravel(), minlength=256)
-    bad = [v for v in np.flatnonzero(counts) if NUM_FG < v < IGNORE_INDEX]
+    bad = [v for v in np.flatnonzero(counts) if classes.num_fg < v < IGNORE_INDEX]
     if bad:
-        raise DataError(f"{where}: label values {bad[:5]} outside 0..{NUM_FG} and {IGNORE_INDEX}")
+        raise DataError(f"{where}: label values {[int(v) for v in bad[:5]]} outside 0..{classes.num_fg} and {IGNORE_INDEX}")
 
 
 # ------------------------------------------------------------------------------------ label PNGs
 
-def read_label_png(src: PathOrBytes) -> np.ndarray:
-    """Read a VOC label PNG (palette 'P' or 8-bit grey 'L') -> uint8 (H, W) class indices."""
+def read_label_png(src: PathOrBytes, classes: ClassSet = VOC) -> np.ndarray:
+    """Read a label PNG (palette 'P' or 8-bit grey 'L') -> uint8 (H, W) class indices 0..K, 255."""
     where = _describe(src)
     data = _read_bytes(src)
     try:
@@ -154,16 +140,17 @@ def read_label_png(src: PathOrBytes) -> np.ndarray:
         raise DataError(f"{where}: not a readable PNG label image ({e})") from e
     if arr.ndim != 2:
         raise DataError(f"{where}: label image has shape {arr.shape}; expected (H, W)")
-    _check_label_values(arr, where)
+    _check_label_values(arr, where, classes)
     return arr
 
 
-def encode_label_png(arr: np.ndarray) -> bytes:
-    """uint8 (H, W) class indices -> palette PNG bytes with the VOC colour map (deterministic)."""
+def encode_label_png(arr: np.ndarray, classes: ClassSet = VOC) -> bytes:
+    """uint8 (H, W) class indices -> palette PNG bytes with the VOC colour map (deterministic; the
+    map covers all 256 indices, so COCO's labels use it too)."""
     arr = np.asarray(arr)
     if arr.ndim != 2 or arr.dtype != np.uint8:
         raise DataError(f"label array: got {arr.dtype} {arr.shape}; expected uint8 (H, W)")
-    _check_label_values(arr, "label array")
+    _check_label_values(arr, "label array", classes)
     im = Image.frombytes("P", (arr.shape[1], arr.shape[0]), np.ascontiguousarray(arr).tobytes())
     im.putpalette(VOC_PALETTE.ravel().tolist())
     buf = io.BytesIO()
@@ -171,9 +158,9 @@ def encode_label_png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_label_png(path: Union[str, os.PathLike], arr: np.ndarray) -> None:
-    """Write ``arr`` as a VOC palette PNG at ``path``."""
-    Path(path).write_bytes(encode_label_png(arr))
+def write_label_png(path: Union[str, os.PathLike], arr: np.ndarray, classes: ClassSet = VOC) -> None:
+    """Write ``arr`` as a palette PNG at ``path``."""
+    Path(path).write_bytes(encode_label_png(arr, classes))
 
 
 # -------------------------------------------------------------------------------------- id lists
@@ -297,29 +284,30 @@ def _label_key(key, path) -> str:
     raise DataError(f"{path}: key {key!r} of type {type(key).__name__}; expected int (IRN) or str (SEAM)")
 
 
-def _multihot_from_value(value, path, key) -> np.ndarray:
+def _multihot_from_value(value, path, key, classes: ClassSet) -> np.ndarray:
     where = f"{path}: key {key!r}"
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise DataError(f"{where}: value is not numeric ({e})") from e
-    if arr.shape == (NUM_FG,) and np.all((arr == 0) | (arr == 1)):
+    if arr.shape == (classes.num_fg,) and np.all((arr == 0) | (arr == 1)):
         return arr.astype(np.float32)
-    raise DataError(f"{where}: value {np.asarray(value).tolist()!r}; expected {NUM_FG} values of 0/1")
+    raise DataError(f"{where}: value {np.asarray(value).tolist()!r}; expected {classes.num_fg} values of 0/1")
 
 
-def _json_value(value, path, key) -> np.ndarray:
-    if isinstance(value, list) and len(value) == NUM_FG and all(v in (0, 1) for v in value):
-        return _multihot_from_value(value, path, key)
+def _json_value(value, path, key, classes: ClassSet) -> np.ndarray:
+    k = classes.num_fg
+    if isinstance(value, list) and len(value) == k and all(v in (0, 1) for v in value):
+        return _multihot_from_value(value, path, key, classes)
     if (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            and all(1 <= v <= NUM_FG for v in value) and len(set(value)) == len(value)):
-        return classes_to_multihot(value)
-    raise DataError(f"{path}: key {key!r}: value {value!r}; expected {NUM_FG} values of 0/1 "
-                    f"or a list of distinct class indices 1..{NUM_FG}")
+            and all(1 <= v <= k for v in value) and len(set(value)) == len(value)):
+        return classes_to_multihot(value, classes)
+    raise DataError(f"{path}: key {key!r}: value {value!r}; expected {k} values of 0/1 "
+                    f"or a list of distinct class indices 1..{k}")
 
 
-def load_cls_labels(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
-    """Image-level labels: id ('2007_000032') -> float32 (20,) multi-hot (no background).
+def load_cls_labels(path: Union[str, os.PathLike], classes: ClassSet = VOC) -> dict[str, np.ndarray]:
+    """Image-level labels: id ('2007_000032') -> float32 (K,) multi-hot (no background; K = 20 for VOC).
 
     Formats:
       * ``.npy`` — a pickled dict as written by IRN (``int`` keys like 2007000032) or SEAM (``str``
@@ -347,13 +335,13 @@ def load_cls_labels(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
         image_id = _label_key(key, path)
         if image_id in labels:
             raise DataError(f"{path}: key {key!r}: id {image_id!r} appears twice")
-        labels[image_id] = value_of(value, path, key)
+        labels[image_id] = value_of(value, path, key, classes)
     return labels
 
 
-def save_cls_labels_npy(path: Union[str, os.PathLike], labels: dict[str, np.ndarray]) -> None:
-    """Write labels in IRN's format (int keys, float32 (20,) values); deterministic for a given dict order."""
-    out = {id_to_int_key(k): np.asarray(v, dtype=np.float32).reshape(NUM_FG) for k, v in labels.items()}
+def save_cls_labels_npy(path: Union[str, os.PathLike], labels: dict[str, np.ndarray], classes: ClassSet = VOC) -> None:
+    """Write labels in IRN's format (int keys, float32 (K,) values); deterministic for a given dict order."""
+    out = {id_to_int_key(k): np.asarray(v, dtype=np.float32).reshape(classes.num_fg) for k, v in labels.items()}
     buf = io.BytesIO()
     np.save(buf, np.array(out, dtype=object), allow_pickle=True)
     Path(path).write_bytes(buf.getvalue())
@@ -376,8 +364,8 @@ def _refuse_declarations(data: bytes, where: str) -> None:
         raise DataError(f"{where}: malformed XML ({e})") from e
 
 
-def parse_voc_xml(src: PathOrBytes) -> list[int]:
-    """VOC annotation XML -> sorted unique class indices (1..20) of its <object><name>s."""
+def parse_voc_xml(src: PathOrBytes, classes: ClassSet = VOC) -> list[int]:
+    """VOC annotation XML -> sorted unique class indices (1..K) of its <object><name>s."""
     where = _describe(src)
     data = _read_bytes(src)
     _refuse_declarations(data, where)
@@ -387,16 +375,17 @@ def parse_voc_xml(src: PathOrBytes) -> list[int]:
         raise DataError(f"{where}: malformed XML ({e})") from e
     if root.tag != "annotation":
         raise DataError(f"{where}: root element <{root.tag}>; expected <annotation>")
-    classes = set()
+    index_of = _VOC_INDEX if classes is VOC else {n: i for i, n in enumerate(classes.label_names)}
+    found = set()
     for obj in root.iter("object"):
         name = obj.findtext("name")
         if name is None:
             raise DataError(f"{where}: <object> without <name>")
-        idx = CLASS_INDEX.get(name.strip())
+        idx = index_of.get(name.strip())
         if not idx:  # unknown or 'background'
-            raise DataError(f"{where}: unknown class name {name.strip()!r}; expected one of {', '.join(VOC_CLASSES)}")
-        classes.add(idx)
-    return sorted(classes)
+            raise DataError(f"{where}: unknown class name {name.strip()!r}; expected one of {', '.join(classes.names)}")
+        found.add(idx)
+    return sorted(found)
 
 
 # ------------------------------------------------------------------------------------------ SBD .mat
@@ -514,7 +503,7 @@ class _Mat5:
         return values.astype(_MX_DTYPES[cls]).reshape(dims, order="F")
 
 
-def read_sbd_mat(src: PathOrBytes) -> np.ndarray:
+def read_sbd_mat(src: PathOrBytes, classes: ClassSet = VOC) -> np.ndarray:
     """SBD ``cls/*.mat`` -> uint8 (H, W) class indices (``GTcls.Segmentation``)."""
     where = _describe(src)
     mat = _Mat5(_read_bytes(src), where)
@@ -527,7 +516,7 @@ def read_sbd_mat(src: PathOrBytes) -> np.ndarray:
     if seg.min() < 0 or seg.max() > IGNORE_INDEX:
         raise DataError(f"{where}: GTcls.Segmentation values outside 0..{IGNORE_INDEX}")
     seg = seg.astype(np.uint8)
-    _check_label_values(seg, f"{where}: GTcls.Segmentation")
+    _check_label_values(seg, f"{where}: GTcls.Segmentation", classes)
     return seg
 
 
@@ -547,10 +536,10 @@ def _contour_pixels(seg: np.ndarray) -> np.ndarray:
 _MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: hsc-fast, Created by: hsc_fast.data.voc.write_sbd_mat"
 
 
-def write_sbd_mat(path: Union[str, os.PathLike], seg: np.ndarray) -> None:
-    """Write ``seg`` (uint8 (H, W), values 0..20) as an SBD ``cls`` file.
+def write_sbd_mat(path: Union[str, os.PathLike], seg: np.ndarray, classes: ClassSet = VOC) -> None:
+    """Write ``seg`` (uint8 (H, W), values 0..K) as an SBD ``cls`` file.
 
-    Struct ``GTcls`` with Segmentation (uint8), Boundaries (20x1 cell of sparse logical contours)
+    Struct ``GTcls`` with Segmentation (uint8), Boundaries (Kx1 cell of sparse logical contours)
     and CategoriesPresent (uint8 column of the classes present), like the real SBD files.
     """
     import scipy.io
@@ -558,14 +547,14 @@ def write_sbd_mat(path: Union[str, os.PathLike], seg: np.ndarray) -> None:
     seg = np.asarray(seg)
     if seg.ndim != 2 or seg.dtype != np.uint8:
         raise DataError(f"{path}: segmentation is {seg.dtype} {seg.shape}; expected uint8 (H, W)")
-    _check_label_values(seg, str(path))
-    classes = classes_in_mask(seg)
+    _check_label_values(seg, str(path), classes)
+    present_classes = classes_in_mask(seg, classes)
     contour = _contour_pixels(seg)
-    boundaries = np.empty((NUM_FG, 1), dtype=object)
-    for c in range(1, NUM_FG + 1):
-        boundaries[c - 1, 0] = (scipy.sparse.csc_matrix(contour & (seg == c)) if c in classes
+    boundaries = np.empty((classes.num_fg, 1), dtype=object)
+    for c in range(1, classes.num_fg + 1):
+        boundaries[c - 1, 0] = (scipy.sparse.csc_matrix(contour & (seg == c)) if c in present_classes
                                 else scipy.sparse.csc_matrix(seg.shape, dtype=bool))
-    present = np.array(classes, dtype=np.uint8).reshape(-1, 1)
+    present = np.array(present_classes, dtype=np.uint8).reshape(-1, 1)
     gt = np.empty((1, 1), dtype=[("Boundaries", object), ("Segmentation", object), ("CategoriesPresent", object)])
     gt[0, 0] = (boundaries, seg, present)
     buf = io.BytesIO()

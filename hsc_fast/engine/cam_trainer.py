@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from hsc_fast import distributed as D
-from hsc_fast.config import RunConfig
+from hsc_fast.config import RunConfig, cam_channels
 from hsc_fast.errors import ConfigError, DataError
 from hsc_fast.losses.methods import get_method
 from hsc_fast.engine.deepspeed import build_ds_config
@@ -109,11 +109,26 @@ def check_inputs(cfg: RunConfig) -> None:
             value = getattr(cfg.data, key)
             if value and not Path(value).exists():
                 raise ConfigError(f"config key 'data.{key}': '{value}' does not exist")
+    from hsc_fast.data import resolve_run_classes
+    resolve_run_classes(cfg, source)  # data.classes, model.num_classes from the data
+    check_saliency_source(cfg)
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise ConfigError(f"config key 'model.weights': file '{cfg.model.weights}' does not exist")
     if not cfg.model.weights and not cfg.model.allow_random_init:
         raise ConfigError("config key 'model.weights' is empty: give ImageNet weights (mxnet .params or a .pth "
                           "state dict) or set model.allow_random_init=true to train from random init")
+
+
+def check_saliency_source(cfg: RunConfig) -> None:
+    """EPS methods read saliency maps: the data must carry them (COCO, for one, ships none)."""
+    from hsc_fast.data import open_train_source
+    from hsc_fast.registry import METHODS
+    if not METHODS.get(cfg.loss.method).saliency:
+        return
+    if not open_train_source(cfg.data).has_saliency:
+        raise ConfigError(f"config key 'loss.method': {cfg.loss.method!r} needs saliency maps, and data.train "
+                          f"'{cfg.data.train}' has none: shard with --saliency-root (or set data.saliency_root for "
+                          "a folder); MS COCO comes without them (EPS used PFAN maps), so give your own")
 
 
 def check_resume_world_size(resume_from: Optional[Path], world_size: int) -> None:
@@ -212,8 +227,8 @@ class Trainer(StepLoop):
         self._wrap_engine(build_train_model(cfg, self.device, self.channels_last, self._log_info), cfg.optim)
         if cfg.train.compile:
             self.engine.compile()
-        self.banks = PrototypeBanks(seed=cfg.train.seed, rsc_dim=cfg.model.rsc_dim,
-                                    psc_dim=cfg.model.psc_dim).to(self.device)
+        self.banks = PrototypeBanks(seed=cfg.train.seed, rsc_dim=cfg.model.rsc_dim, psc_dim=cfg.model.psc_dim,
+                                    num_classes=cam_channels(cfg.model)).to(self.device)
         self.dist_ctx = DistContext() if info.world_size > 1 else None
         self.autocast_device = autocast_device(cfg, self.device)
         self._kernel_reports_seen = 0  # kernel self-check verdicts already written to env.json

@@ -31,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hsc_fast import IGNORE_INDEX
+from hsc_fast.classes import IGNORE_INDEX
 from hsc_fast import checkpoint as ckpt
 from hsc_fast import distributed as D
 from hsc_fast import io
-from hsc_fast.config import OptimConfig, RunConfig
+from hsc_fast.config import OptimConfig, RunConfig, run_class_set
+from hsc_fast.data.loader import resolve_run_classes
 from hsc_fast.engine.loop import EpochStream, StepLoop, StepResult
 from hsc_fast.engine.deepspeed import build_ds_config
 from hsc_fast.engine.session import training_session
@@ -129,7 +130,7 @@ def build_train_set(cfg: RunConfig, images: str, labels_dir: str, train_ids: Seq
         raise DataError(f"{len(no_image)} training id(s) have no image in {images}: e.g. {no_image[:5]}")
     dl = cfg.deeplab
     return SegTrainSet(train_ids, reader, labels_dir, crop=dl.crop_size, scale_range=dl.scale_range,
-                       flip=dl.flip, seed=cfg.train.seed)
+                       flip=dl.flip, seed=cfg.train.seed, classes=run_class_set(cfg))
 
 
 # ---------------------------------------------------------------------------------- trainer
@@ -201,7 +202,7 @@ class DeeplabTrainer(LabelMapLoop):
         self.dataset, self.batch_size = dataset, cfg.deeplab.batch_size
         self._setup(cfg, run_dir, info, ds_config if ds_config is not None else deeplab_ds_config(cfg, info.world_size),
                     log)
-        model = build_deeplab(cfg.deeplab)  # WeightsError when the ImageNet file is absent
+        model = build_deeplab(cfg.deeplab, run_class_set(cfg).num_classes)  # WeightsError without the ImageNet file
         model.to(self.device).train()       # train() freezes the backbone BatchNorm first
         self._wrap_engine(model, deeplab_optim_config(cfg))
         self.autocast = bool(cfg.train.bf16_autocast and self.device.type == "cuda" and not self.engine_bf16)
@@ -227,6 +228,7 @@ def train_deeplab(cfg: RunConfig, run_dir, *, images: str, labels_dir: str, trai
     cfg.data.sbd_root) or a shard index. Joins an existing process group or makes its own.
     Returns {"step", "nonfinite_total", "final_model"}."""
     check_deeplab_config(cfg)
+    resolve_run_classes(cfg, images)  # DeepLab outputs K+1 classes of the images' set
     run_dir = Path(run_dir)
     env = dict(stage="deeplab", images=str(images), labels_dir=str(labels_dir), n_train_ids=len(train_ids))
     with training_session(cfg, run_dir, stage="deeplab", resume=resume, max_steps=cfg.deeplab.max_steps,
@@ -267,7 +269,8 @@ def load_deeplab_for_eval(cfg: RunConfig, run_dir, checkpoint: Optional[str], de
         state = state.get(key) if isinstance(state, dict) else None
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a state dict{f' under {key!r}' if key else ''}")
-    model = DeepLab(cfg.deeplab.backbone, cfg.deeplab.head, frozen_bn=cfg.deeplab.frozen_bn)
+    model = DeepLab(cfg.deeplab.backbone, cfg.deeplab.head, num_classes=run_class_set(cfg).num_classes,
+                    frozen_bn=cfg.deeplab.frozen_bn)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -276,9 +279,10 @@ def load_deeplab_for_eval(cfg: RunConfig, run_dir, checkpoint: Optional[str], de
     return model.to(device).eval()
 
 
-def _write_png_atomic(path: Path, label: np.ndarray) -> None:
+def _write_png_atomic(path: Path, label: np.ndarray, classes=None) -> None:
+    from hsc_fast.classes import VOC
     from hsc_fast.data.voc import encode_label_png
-    io.atomic_write_bytes(path, encode_label_png(label))
+    io.atomic_write_bytes(path, encode_label_png(label, classes or VOC))
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -289,7 +293,7 @@ def _bar(total: int, desc: str, enabled: bool):
 def predict_to_pngs(model: torch.nn.Module, read_image: Callable[[str], np.ndarray], ids: Sequence[str],
                     out_dir, *, scales: Sequence[float], flip: bool = True, device="cpu",
                     crf_dir=None, crf_backend: str = "pydensecrf", crf_params: Optional[dict] = None,
-                    crf_workers: int = 1, progress: bool = False) -> int:
+                    crf_workers: int = 1, progress: bool = False, classes=None) -> int:
     """Predict `ids` (all of them: split ids before calling) into palette PNGs in `out_dir`; with
     `crf_dir` also the dense-CRF labels there (`crf_params`: deeplab.crf.params(), default the
     DEEPLAB_TEST preset). Returns the number of images."""
@@ -303,7 +307,7 @@ def predict_to_pngs(model: torch.nn.Module, read_image: Callable[[str], np.ndarr
         for key in ids:
             img = read_image(key)
             probs = predict_probs(model, img, scales=scales, flip=flip, device=device)
-            _write_png_atomic(out_dir / f"{key}.png", probs.argmax(0).to(torch.uint8).numpy())
+            _write_png_atomic(out_dir / f"{key}.png", probs.argmax(0).to(torch.uint8).numpy(), classes)
             bar.update(1)
             yield key, img, probs.numpy()
 
@@ -323,7 +327,7 @@ def predict_to_pngs(model: torch.nn.Module, read_image: Callable[[str], np.ndarr
 
         for q in crf_imap(pairs(), workers=max(1, crf_workers), backend=crf_backend, return_labels=True,
                           **crf_kwargs):
-            _write_png_atomic(crf_dir / f"{keys[n]}.png", q.astype(np.uint8))
+            _write_png_atomic(crf_dir / f"{keys[n]}.png", q.astype(np.uint8), classes)
             n += 1
     bar.close()
     return n
@@ -342,6 +346,7 @@ def evaluate_deeplab(cfg: RunConfig, run_dir, *, images: str, gt_dir: str, eval_
     if not Path(gt_dir).is_dir():
         raise DataError(f"gt_dir {gt_dir}: not a folder of ground-truth PNGs")
     run_dir = Path(run_dir)
+    classes = resolve_run_classes(cfg, images)
     info = D.init_distributed(cfg.train.dist_timeout_s, local_rank_arg=local_rank, use_deepspeed=False)
     try:
         model = load_deeplab_for_eval(cfg, run_dir, checkpoint, info.device)
@@ -350,11 +355,12 @@ def evaluate_deeplab(cfg: RunConfig, run_dir, *, images: str, gt_dir: str, eval_
         mine = list(eval_ids)[info.rank::info.world_size]
         predict_to_pngs(model, reader, mine, pred_dir, scales=cfg.deeplab.test_scales, flip=cfg.deeplab.test_flip,
                         device=info.device, crf_dir=crf_dir, crf_backend=cfg.deeplab.crf.backend,
-                        crf_params=cfg.deeplab.crf.params(), crf_workers=max(1, cfg.data.workers), progress=progress and info.is_main)
+                        crf_params=cfg.deeplab.crf.params(), crf_workers=max(1, cfg.data.workers),
+                        progress=progress and info.is_main, classes=classes)
         D.barrier()  # every prediction is on disk before anyone scores
-        results = {"plain": evaluate(gt_dir, pred_dir=pred_dir, ids=list(eval_ids)), "crf": None}
+        results = {"plain": evaluate(gt_dir, pred_dir=pred_dir, ids=list(eval_ids), classes=classes), "crf": None}
         if crf:
-            results["crf"] = evaluate(gt_dir, pred_dir=crf_dir, ids=list(eval_ids))
+            results["crf"] = evaluate(gt_dir, pred_dir=crf_dir, ids=list(eval_ids), classes=classes)
         if info.is_main:
             write_outputs(results["plain"], run_dir / EVAL_JSON)
             if crf:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from hsc_fast.classes import VOC, ClassSet, synthetic
 from hsc_fast.io import write_json
 from hsc_fast.config import RunConfig
 from hsc_fast.errors import ConfigError, HscError
@@ -48,6 +49,7 @@ class Dataset:
     eval_list: str = ""      # seed / CRF evaluation (VOC train, 1,464 ids)
     val_list: str = ""       # DeepLab evaluation (VOC val)
     name: str = "VOC2012"
+    classes: ClassSet = VOC  # the tree's class set (a classes.json in voc_root; the demo's synthetic:K)
 
     def list_path(self, which: str) -> Path:
         given = getattr(self, f"{which}_list")
@@ -70,7 +72,7 @@ class Context:
     progress: bool = True
     workers: int = 0
     wait_timeout_s: float = 4 * 3600
-    synth: dict = field(default_factory=lambda: {"n_train": 300, "n_val": 60, "size": 128, "seed": 0})
+    synth: dict = field(default_factory=lambda: {"n_train": 300, "n_val": 60, "size": 128, "seed": 0, "num_fg": 20})
     summary: dict = field(default_factory=dict)
 
     def path(self, *parts) -> Path:
@@ -102,7 +104,8 @@ def wait_for_marker(ctx: Context, stage: str) -> None:
 def stage_synth(ctx: Context) -> dict:
     from hsc_fast.data.synth import generate
     out = ctx.path("synth")
-    info = generate(out, ctx.synth["n_train"], ctx.synth["n_val"], ctx.synth["seed"], ctx.synth["size"])
+    info = generate(out, ctx.synth["n_train"], ctx.synth["n_val"], ctx.synth["seed"], ctx.synth["size"],
+                    num_fg=ctx.data.classes.num_fg)
     return {"out": str(out), **ctx.synth, "seconds_generate": info.get("seconds")}
 
 
@@ -140,7 +143,7 @@ def stage_train_cam(ctx: Context) -> dict:
 
 def _seed_job(ctx: Context, ids: list[str], gt: Optional[str] = None):
     from hsc_fast.eval.seeds import SeedJob
-    return SeedJob(cfg=ctx.cfg, data=shard_index(ctx), out=str(ctx.path("seeds")), ids=ids,
+    return SeedJob(cfg=ctx.cfg, data=shard_index(ctx), out=str(ctx.path("seeds")), ids=ids, classes=ctx.data.classes,
                    checkpoint=str(ctx.path("cam")), gt=gt, workers=ctx.workers, progress=ctx.progress)
 
 
@@ -175,7 +178,7 @@ def stage_crf(ctx: Context) -> dict:
         sweep_alpha(job, ctx.data.gt_dir, ctx.ids("eval"))
     run_label_stage(job, seeds=False, crf=True)
     result = evaluate(ctx.data.gt_dir, pred_dir=ctx.path("seeds", "pseudo_labels"), ids=ctx.ids("eval"),
-                      workers=ctx.workers)
+                      workers=ctx.workers, classes=ctx.data.classes)
     alpha = json.loads(ctx.path("seeds", "crf_params.json").read_text())["alpha"]
     result = dict(result, crf_alpha=alpha)
     if ctx.rank == 0:
@@ -201,7 +204,8 @@ def stage_refine(ctx: Context) -> dict:
     model = R.load_affinity_net(ctx.cfg, ctx.path("refine", R.AFFINITY), ctx.device)
     R.random_walk_masks(ctx.cfg, model, data, cams, ctx.path("refine", R.MASKS), train_ids, device=ctx.device,
                         progress=ctx.progress)
-    result = evaluate(ctx.data.gt_dir, pred_dir=ctx.path("refine", R.MASKS), ids=ctx.ids("eval"), workers=ctx.workers)
+    result = evaluate(ctx.data.gt_dir, pred_dir=ctx.path("refine", R.MASKS), ids=ctx.ids("eval"), workers=ctx.workers,
+                      classes=ctx.data.classes)
     if ctx.rank == 0:
         write_outputs(result, ctx.path("refine", "mask_eval.json"))
     ctx.summary.update(mask_miou=result["miou"], mask_eval="refine/mask_eval.json",
@@ -262,6 +266,7 @@ def write_summary(ctx: Context, stage_seconds: dict) -> Path:
     summary.setdefault("curve_png", "seeds/sweep.png")
     summary.setdefault("overlay_dirs", ["seeds/overlays", "cam/images"])
     summary["dataset"] = ctx.data.name
+    summary["classes"] = ctx.data.classes.name
     summary["run_dir"] = str(ctx.run_dir)
     write_json(path, summary)
     return path
@@ -307,6 +312,8 @@ def start_context(cfg: RunConfig, run_dir: Path, data: Dataset, args, **extra):
     share of inference/CRF; training watches its peers with its own heartbeat), build the Context,
     and let rank 0 create the run dir with the resolved config. Returns (ctx, dist info)."""
     from hsc_fast import distributed as D
+    from hsc_fast.classes import CLASSES_FILE
+    from hsc_fast.classes import save as save_classes
     from hsc_fast.config import save_config
     info = D.init_distributed(timeout_s=max(cfg.train.dist_timeout_s, 3600), local_rank_arg=args.local_rank)
     ctx = Context(cfg=cfg, run_dir=run_dir, data=data, rank=info.rank, world=info.world_size, device=info.device,
@@ -314,17 +321,25 @@ def start_context(cfg: RunConfig, run_dir: Path, data: Dataset, args, **extra):
     if ctx.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        save_classes(run_dir / CLASSES_FILE, data.classes)  # what the later stages and tools read
     return ctx, info
 
 
 def dataset_from_args(args, run_dir: Path) -> Dataset:
     if args.demo:
         synth = run_dir / "synth"
+        classes = synthetic(getattr(args, "synth_classes", VOC.num_fg))
+        name = "synthetic VOC" if classes is VOC else f"synthetic, {classes.num_fg} classes"
         return Dataset(voc_root=str(synth / "VOC2012"), sbd_root=str(synth / "SBD"),
                        cls_labels=str(synth / "cls_labels.npy"), saliency_root=str(synth / "SaliencyMaps"),
-                       name="synthetic VOC (hsc_fast.data.synth, seed 0)")
+                       name=f"{name} (hsc_fast.data.synth, seed 0)", classes=classes)
     if not args.voc_root:
         raise ConfigError("--voc-root is required (or --demo for the synthetic set)")
+    from hsc_fast.data import source_class_set
+    try:
+        classes = source_class_set(args.voc_root)
+    except HscError as e:
+        raise ConfigError(f"--voc-root {args.voc_root}: {e}") from e
     return Dataset(voc_root=args.voc_root, sbd_root=args.sbd_root, cls_labels=args.cls_labels,
                    saliency_root=args.saliency_root, train_list=args.train_list, eval_list=args.eval_list,
-                   val_list=args.val_list)
+                   val_list=args.val_list, classes=classes)

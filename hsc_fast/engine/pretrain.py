@@ -32,9 +32,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 
-from hsc_fast import NUM_FG
+from hsc_fast.classes import VOC
 from hsc_fast.config import PretrainConfig, RunConfig, to_dict
 from hsc_fast.errors import ConfigError
+
+# SynthNet's own label space (the stand-in for ImageNet's 1,000 classes): the 20 hand-made
+# synthetic classes, whatever class set the WSSS run then trains on.
+NUM_FG = VOC.num_fg
 
 PRETRAIN_ARCHS = ("resnet18", "resnet50", "resnet101")
 ID_YEAR = 2102          # ids '2102_000017': never those of the WSSS set (2100 train, 2101 val)

@@ -29,7 +29,7 @@ import torch
 from hsc_fast import checkpoint as ckpt
 from hsc_fast import distributed as D
 from hsc_fast import io
-from hsc_fast.config import OptimConfig, RunConfig
+from hsc_fast.config import OptimConfig, RunConfig, run_class_set
 from hsc_fast.engine.deeplab_trainer import LabelMapLoop, deeplab_ds_config
 from hsc_fast.engine.runlog import RunLog
 from hsc_fast.engine.session import training_session
@@ -103,9 +103,9 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled or None)
 
 
-def _write_png(path: Path, label: np.ndarray) -> None:
+def _write_png(path: Path, label: np.ndarray, classes) -> None:
     from hsc_fast.data.voc import encode_label_png
-    io.atomic_write_bytes(path, encode_label_png(np.asarray(label, np.uint8)))
+    io.atomic_write_bytes(path, encode_label_png(np.asarray(label, np.uint8), classes))
 
 
 # --------------------------------------------------------------------------- 1. affinity labels
@@ -122,10 +122,10 @@ def make_affinity_labels(cfg: RunConfig, data: str, cam_dir, out_dir, ids: Seque
     bar = _bar(len(todo), "affinity labels", progress)
     n = 0
     for s in open_samples(data, todo, workers=workers):
-        keys, cams = _read_cams_for(cam_dir, s)
+        keys, cams = _read_cams_for(cam_dir, s, classes=run_class_set(cfg))
         # PSA's CRF (10 iterations, 3/3 + 80/13/10) at image resolution; the trainer pools labels to stride 8
         label = affinity_label_map(s.image, cams, keys, alpha_low=low, alpha_high=high, backend=cfg.seeds.crf.backend)
-        _write_png(out_dir / f"{s.key}.png", label)
+        _write_png(out_dir / f"{s.key}.png", label, run_class_set(cfg))
         n += 1
         bar.update(1)
     bar.close()
@@ -196,7 +196,7 @@ def build_affinity_train_set(cfg: RunConfig, images: str, labels_dir, train_ids:
         raise DataError(f"{len(missing)} training id(s) have no affinity label in {labels_dir}: e.g. {missing[:5]}")
     r = cfg.refine
     return SegTrainSet(train_ids, open_image_reader(images, cfg.data.sbd_root), str(labels_dir), crop=r.crop_size,
-                       scale_range=r.scale_range, flip=True, seed=cfg.train.seed)
+                       scale_range=r.scale_range, flip=True, seed=cfg.train.seed, classes=run_class_set(cfg))
 
 
 def train_affinity(cfg: RunConfig, run_dir, *, images: str, labels_dir, train_ids: Sequence[str], cam_run,
@@ -260,8 +260,8 @@ def random_walk_masks(cfg: RunConfig, model: torch.nn.Module, data: str, cam_dir
     bar = _bar(len(todo), "random walk", progress)
     n = 0
     for s in open_samples(data, todo, workers=workers):
-        keys, cams = _read_cams_for(cam_dir, s)
-        _write_png(out_dir / f"{s.key}.png", walk_one(model, s.image, keys, cams, cfg, device, bg_alpha))
+        keys, cams = _read_cams_for(cam_dir, s, classes=run_class_set(cfg))
+        _write_png(out_dir / f"{s.key}.png", walk_one(model, s.image, keys, cams, cfg, device, bg_alpha), run_class_set(cfg))
         n += 1
         bar.update(1)
     bar.close()

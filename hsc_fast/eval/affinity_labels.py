@@ -17,8 +17,9 @@ What the authors do (jiwoon-ahn/psa, infer_cls.py ``_crf_with_alpha``, voc12/dat
    ``affinity_label_from_scores`` is that rule; ``affinity_label_map`` runs both CRFs and the
    rule at image resolution (stride 1) or at PSA's stride 8.
 
-Labels are VOC ids as every label PNG of this project: 0 = background, k+1 = fg class k (0..19),
-255 = no label. hsc_fast.losses.affinity.affinity_targets(label, bg_index=0) reads them.
+Labels are label ids as every label PNG of this project: 0 = background, k+1 = fg class k
+(0..K-1 of the run's class set: 0..19 for VOC, 0..79 for COCO), 255 = no label. The CRFs run over
+the image's present classes and the background only, so their cost does not grow with K. hsc_fast.losses.affinity.affinity_targets(label, bg_index=0) reads them.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from hsc_fast import IGNORE_INDEX
+from hsc_fast.classes import IGNORE_INDEX, MAX_FG, ClassSet
 from hsc_fast.crf import CrfParams, cam_to_crf_probs, crf_inference
 from hsc_fast.errors import ConfigError, DataError
 
@@ -37,20 +38,22 @@ PSA_LABEL_STRIDE = 8
 NO_SCORE_EPS = 1e-5
 
 
-def _check_cams(cams, keys) -> tuple[np.ndarray, np.ndarray]:
+def _check_cams(cams, keys, classes: Optional[ClassSet] = None) -> tuple[np.ndarray, np.ndarray]:
     cams = np.asarray(cams, np.float32)
     keys = np.asarray(keys, np.int64).reshape(-1)
     if cams.ndim != 3 or cams.shape[0] != keys.size:
         raise DataError(f"affinity labels: expected (K, H, W) CAMs for the K = {keys.size} given class keys, "
                         f"got shape {cams.shape}")
-    if keys.size and (keys.min() < 0 or keys.max() > 253):
-        raise DataError(f"affinity labels: class keys must be fg indices 0..253 (VOC 0..19), got {keys.tolist()}")
+    n_fg = MAX_FG if classes is None else classes.num_fg
+    if keys.size and (keys.min() < 0 or keys.max() >= n_fg):
+        where = "" if classes is None else f" of class set {classes.name!r}"
+        raise DataError(f"affinity labels: class keys must be fg indices 0..{n_fg - 1}{where}, got {keys.tolist()}")
     return cams, keys
 
 
 def affinity_crf_scores(img_uint8: np.ndarray, cams: np.ndarray, alpha: float, *,
                         crf: CrfParams = PSA_AFFINITY_CRF, backend: str = "pydensecrf") -> np.ndarray:
-    """(K+1, H, W) CRF marginals of [(1 - max cam)^alpha, cams] (bg first; CAMs clipped to [0, 1])."""
+    """(n+1, H, W) CRF marginals of [(1 - max cam)^alpha, cams] (bg first; CAMs clipped to [0, 1])."""
     probs = cam_to_crf_probs(np.clip(np.asarray(cams, np.float32), 0.0, 1.0), alpha)
     return crf_inference(img_uint8, probs, backend=backend, **crf.kwargs())
 
@@ -71,16 +74,16 @@ def downsample_scores(scores: np.ndarray, stride: int = PSA_LABEL_STRIDE) -> np.
 
 def affinity_label_from_scores(low: np.ndarray, high: np.ndarray, keys, *,
                                no_score_eps: float = NO_SCORE_EPS) -> np.ndarray:
-    """PSA's rule on (K+1, h, w) low- and high-alpha scores (bg first) -> uint8 (h, w) VOC ids:
+    """PSA's rule on (n+1, h, w) low- and high-alpha scores (bg first) -> uint8 (h, w) label ids:
     the low-alpha class where it is fg, 0 where the high-alpha argmax is bg, 255 elsewhere and
     where every score is below ``no_score_eps``."""
     keys = np.asarray(keys, np.int64).reshape(-1)
     if low.shape != high.shape or low.ndim != 3 or low.shape[0] != keys.size + 1:
         raise DataError(f"affinity_label_from_scores: expected two (K+1, h, w) maps for K = {keys.size} keys, "
                         f"got {low.shape} and {high.shape}")
-    voc_ids = np.concatenate([[0], keys + 1]).astype(np.uint8)
+    label_of_channel = np.concatenate([[0], keys + 1]).astype(np.uint8)
     low_arg, high_arg = low.argmax(axis=0), high.argmax(axis=0)
-    label = np.where(low_arg == 0, np.uint8(IGNORE_INDEX), voc_ids[low_arg])
+    label = np.where(low_arg == 0, np.uint8(IGNORE_INDEX), label_of_channel[low_arg])
     label = np.where(high_arg == 0, np.uint8(0), label)
     no_score = np.maximum(low.max(axis=0), high.max(axis=0)) < no_score_eps
     return np.where(no_score, np.uint8(IGNORE_INDEX), label).astype(np.uint8)
@@ -88,15 +91,16 @@ def affinity_label_from_scores(low: np.ndarray, high: np.ndarray, keys, *,
 
 def affinity_label_map(img_uint8: np.ndarray, cams: np.ndarray, keys, *, alpha_low: float = PSA_LOW_ALPHA,
                        alpha_high: float = PSA_HIGH_ALPHA, crf: Optional[CrfParams] = None,
-                       backend: str = "pydensecrf", stride: int = 1) -> np.ndarray:
-    """uint8 VOC-id label for AffinityNet from one image's CAMs.
+                       backend: str = "pydensecrf", stride: int = 1,
+                       classes: Optional[ClassSet] = None) -> np.ndarray:
+    """uint8 label (0 bg, key + 1, 255) for AffinityNet from one image's CAMs.
 
-    img_uint8 (H, W, 3); cams (K, H, W) in [0, 1] for the present fg classes ``keys`` (0..19, the
-    cam_npy layout). Runs the CRF at alpha_low and alpha_high (``PSA_AFFINITY_CRF`` unless ``crf``),
+    img_uint8 (H, W, 3); cams (n, H, W) in [0, 1] for the present fg classes ``keys`` (the cam_npy
+    layout; 0..K-1 of ``classes`` when given, else any fg index a uint8 label can hold). Runs the CRF at alpha_low and alpha_high (``PSA_AFFINITY_CRF`` unless ``crf``),
     pools the scores by ``stride`` (1: image resolution; 8: PSA's feature resolution) and applies
-    ``affinity_label_from_scores``. No classes (K = 0): every pixel is bg.
+    ``affinity_label_from_scores``. No classes (n = 0): every pixel is bg.
     """
-    cams, keys = _check_cams(cams, keys)
+    cams, keys = _check_cams(cams, keys, classes)
     if not alpha_low < alpha_high:
         raise ConfigError(f"affinity labels: expected alpha_low < alpha_high, got {alpha_low} and {alpha_high}")
     params = PSA_AFFINITY_CRF if crf is None else crf

@@ -4,15 +4,18 @@
     python -m hsc_fast.cli.evaluate --gt VOC/SegmentationClass --cam cam_npy/ --thresholds 0.00:0.60:0.01
 
 Definitions (those of the VOC benchmark and of the authors' eval.py):
-  * one confusion matrix per image (rows: ground truth 0..20, columns: prediction 0..20 plus one
+  * one confusion matrix per image (rows: ground truth 0..K, columns: prediction 0..K plus one
     "void" column for predictions of 255), summed over images; ground-truth 255 pixels are ignored.
+    K is the class set's foreground count (``classes``: a hsc_fast.classes.ClassSet, default VOC),
+    so the matrices are (K+1) x (K+2): 21 x 22 for VOC, 81 x 82 for COCO.
     A predicted 255 (an "uncertain" pseudo-label pixel) therefore counts as a miss (FN) of its
     ground-truth class and as nobody's false positive.
   * IoU_c = TP / (TP + FP + FN). mIoU, ``average="present"`` (the default): the mean IoU over the
     classes that occur in the ground truth or the prediction. ``average="all"``: the authors' rule
-    (SEAM / PSA / HSC ``evaluation.py``: ``mean_c TP_c / (T_c + P_c - TP_c + 1e-10)`` over all 21
-    classes), so a class in neither counts as 0. The two agree whenever every class occurs (all of
-    VOC train or val); on a small list they differ (one image with 3 classes: 21 / 3 = 7x apart).
+    (SEAM / PSA / HSC ``evaluation.py``: ``mean_c TP_c / (T_c + P_c - TP_c + 1e-10)`` over all K+1
+    classes, 21 for VOC, 81 for COCO), so a class in neither counts as 0. The two agree whenever
+    every class occurs (all of VOC train or val); on a small list they differ (one VOC image with 3
+    classes: 21 / 3 = 7x apart).
   * CAM seeds at threshold t: argmax over [t, CAM_1..CAM_K] with ties going to the background,
     i.e. class argmax_k CAM_k where max_k CAM_k > t, else background (as the authors compute it).
 
@@ -27,12 +30,13 @@ counts as an all-background prediction and an id without ground truth is skipped
 the JSON as ``n_missing_pred`` / ``n_missing_gt``, beside every mIoU). When no id has both a ground
 truth and a prediction there is nothing to evaluate: NothingEvaluatedError (before any file is read).
 
-CAM files: ``{id}.npy`` (the SEAM/HSC format: a pickled dict {class 0..19 -> (H, W) float}) read
+CAM files: ``{id}.npy`` (the SEAM/HSC format: a pickled dict {fg class 0..K-1 -> (H, W) float}) read
 with a restricted unpickler that rebuilds numpy arrays only (no arbitrary code), or ``{id}.npz``
 with arrays ``keys`` (K,) and ``cams`` (K, H, W) -- the pickle-free variant.
 
 Under torch.distributed (initialised by the caller) each rank evaluates ids[rank::world] and the
-confusion matrices are all-reduced; every rank returns the same result.
+confusion matrices (their shape is the class set's) are all-reduced; every rank returns the same
+result (every rank must be given the same class set).
 """
 from __future__ import annotations
 
@@ -46,13 +50,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hsc_fast import IGNORE_INDEX, NUM_CLASSES, NUM_FG
+from hsc_fast.classes import IGNORE_INDEX, VOC, ClassSet
 from hsc_fast.errors import ConfigError, DataError
-from hsc_fast.data.voc import VOC_CLASS_NAMES, read_id_list, read_label_png, safe_join
+from hsc_fast.data.voc import read_id_list, read_label_png, safe_join
 
-VOID_COLUMN = NUM_CLASSES            # prediction 255 goes to this extra confusion column
-N_PRED_COLUMNS = NUM_CLASSES + 1
-AVERAGES = ("present", "all")        # mIoU: over the classes that occur / over all 21 (the authors')
+AVERAGES = ("present", "all")        # mIoU: over the classes that occur / over all K+1 (the authors')
 AUTHORS_IOU_EPS = 1e-10              # the authors' evaluation.py: TP / (T + P - TP + 1e-10)
 
 
@@ -67,22 +69,51 @@ class NothingEvaluatedError(DataError):
 
 # ----------------------------------------------------------------------------------- confusion
 
-def confusion_matrix(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """int64 (21, 22) confusion of one image: rows ground truth, columns prediction (+ void)."""
+def confusion_shape(classes: ClassSet = VOC) -> tuple[int, int]:
+    """(K+1, K+2): rows ground truth 0..K, columns prediction 0..K and the void column (21 x 22 for
+    VOC, 81 x 82 for COCO)."""
+    return classes.num_classes, classes.num_classes + 1
+
+
+def _label_range_error(where: str, values: np.ndarray, classes: ClassSet) -> DataError:
+    bad = [int(v) for v in np.unique(values) if v < 0 or (v > classes.num_fg and v != IGNORE_INDEX)][:5]
+    return DataError(f"{where}: label values {bad} outside 0..{classes.num_fg} and {IGNORE_INDEX} "
+                     f"(class set {classes.name!r}, {classes.num_fg} classes)")
+
+
+def confusion_matrix(gt: np.ndarray, pred: np.ndarray, *, classes: ClassSet = VOC) -> np.ndarray:
+    """int64 (K+1, K+2) confusion of one image: rows ground truth, columns prediction (+ void).
+
+    ``gt`` and ``pred`` hold labels 0..K and 255 (gt 255: ignored; pred 255: the void column);
+    DataError for any other value (it would land in another class's cell)."""
+    rows, cols = confusion_shape(classes)           # the void column is the last one, index K+1
     valid = gt != IGNORE_INDEX
     g = gt[valid].astype(np.int64)
     p = pred[valid].astype(np.int64)
-    p[p == IGNORE_INDEX] = VOID_COLUMN
-    return np.bincount(g * N_PRED_COLUMNS + p, minlength=NUM_CLASSES * N_PRED_COLUMNS).reshape(
-        NUM_CLASSES, N_PRED_COLUMNS)
+    if g.size and (g.min() < 0 or g.max() > classes.num_fg):
+        raise _label_range_error("confusion_matrix gt", g, classes)
+    void = p == IGNORE_INDEX
+    if p.size and (p.min() < 0 or np.any((p > classes.num_fg) & ~void)):
+        raise _label_range_error("confusion_matrix pred", p[~void], classes)
+    p[void] = cols - 1
+    return np.bincount(g * cols + p, minlength=rows * cols).reshape(rows, cols)
+
+
+def _n_classes_of(conf: np.ndarray) -> int:
+    """K+1 from a (..., K+1, K+2) confusion stack."""
+    if conf.ndim < 2 or conf.shape[-1] != conf.shape[-2] + 1:
+        raise DataError(f"confusion of shape {conf.shape}: expected (..., K+1, K+2) (one void column)")
+    return conf.shape[-2]
 
 
 def iou_from_confusion(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class IoU (fraction, NaN where the class is in neither gt nor prediction) and that mask."""
+    """Per-class IoU (fraction, NaN where the class is in neither gt nor prediction) and that mask,
+    for a (..., K+1, K+2) confusion (the class count is its shape)."""
     conf = np.asarray(conf, dtype=np.float64)
-    tp = np.diagonal(conf[..., :NUM_CLASSES], axis1=-2, axis2=-1)
+    n = _n_classes_of(conf)
+    tp = np.diagonal(conf[..., :n], axis1=-2, axis2=-1)
     gt_count = conf.sum(axis=-1)                          # TP + FN (void predictions are FN)
-    pred_count = conf[..., :NUM_CLASSES].sum(axis=-2)     # TP + FP
+    pred_count = conf[..., :n].sum(axis=-2)               # TP + FP
     union = gt_count + pred_count - tp
     present = union > 0
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -91,13 +122,14 @@ def iou_from_confusion(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def miou_from_confusion(conf: np.ndarray, average: str = "present") -> np.ndarray:
-    """Mean IoU (fraction); works on (..., 21, 22) stacks. ``average``: "present" (the classes in
-    the ground truth or the prediction) or "all" (the authors' rule: every one of the 21 classes,
+    """Mean IoU (fraction); works on (..., K+1, K+2) stacks. ``average``: "present" (the classes in
+    the ground truth or the prediction) or "all" (the authors' rule: every one of the K+1 classes,
     IoU_c = TP / (T + P - TP + 1e-10), so an absent class counts 0)."""
     if average == "all":
         conf = np.asarray(conf, dtype=np.float64)
-        tp = np.diagonal(conf[..., :NUM_CLASSES], axis1=-2, axis2=-1)
-        union = conf.sum(axis=-1) + conf[..., :NUM_CLASSES].sum(axis=-2) - tp
+        n = _n_classes_of(conf)
+        tp = np.diagonal(conf[..., :n], axis1=-2, axis2=-1)
+        union = conf.sum(axis=-1) + conf[..., :n].sum(axis=-2) - tp
         return np.mean(tp / (union + AUTHORS_IOU_EPS), axis=-1)
     if average != "present":
         raise ConfigError(f"average {average!r}: expected one of {', '.join(AVERAGES)}")
@@ -108,11 +140,13 @@ def miou_from_confusion(conf: np.ndarray, average: str = "present") -> np.ndarra
 
 # ------------------------------------------------------------------------------------ CAM files
 
-def _check_cam_items(items: list, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """[(key, array)] -> (keys ascending, stacked float32 cams), validating keys and shapes."""
+def _check_cam_items(items: list, where: str, classes: ClassSet) -> tuple[np.ndarray, np.ndarray]:
+    """[(key, array)] -> (keys ascending, stacked float32 cams), validating keys (0..K-1) and shapes."""
+    k = classes.num_fg
     for key, _ in items:
-        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not 0 <= int(key) < NUM_FG:
-            raise DataError(f"{where}: CAM key {key!r}; expected class indices 0..{NUM_FG - 1}")
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not 0 <= int(key) < k:
+            raise DataError(f"{where}: CAM key {key!r}; expected class indices 0..{k - 1} "
+                            f"(class set {classes.name!r}, {k} classes)")
     items = sorted(((int(k), np.asarray(a)) for k, a in items), key=lambda kv: kv[0])
     keys = [k for k, _ in items]
     if len(set(keys)) != len(keys):
@@ -124,10 +158,11 @@ def _check_cam_items(items: list, where: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(keys, dtype=np.int64), stacked
 
 
-def read_cam_file(path) -> tuple[np.ndarray, np.ndarray]:
-    """A CAM file -> (keys int64 (K,) fg class indices 0..19 ascending, cams float32 (K, H, W)).
+def read_cam_file(path, *, classes: ClassSet = VOC) -> tuple[np.ndarray, np.ndarray]:
+    """A CAM file -> (keys int64 (n,) fg class indices ascending, cams float32 (n, H, W)).
 
-    An image with no class stored gives K = 0 (cams (0, H, W) for .npz, (0, 0, 0) for .npy).
+    Keys must be fg indices 0..K-1 of ``classes`` (0..19 for VOC, 0..79 for COCO). An image with no
+    class stored gives n = 0 (cams (0, H, W) for .npz, (0, 0, 0) for .npy).
     """
     path = Path(path)
     if path.suffix == ".npz":
@@ -141,18 +176,20 @@ def read_cam_file(path) -> tuple[np.ndarray, np.ndarray]:
         if len(keys) == 0:
             return keys.astype(np.int64), cams.astype(np.float32)
         if not np.issubdtype(keys.dtype, np.integer):
-            raise DataError(f"{path}: 'keys' has dtype {keys.dtype}; expected integers 0..{NUM_FG - 1}")
-        return _check_cam_items(list(zip(keys.tolist(), cams)), str(path))
+            raise DataError(f"{path}: 'keys' has dtype {keys.dtype}; expected integers 0..{classes.num_fg - 1}")
+        return _check_cam_items(list(zip(keys.tolist(), cams)), str(path), classes)
     from hsc_fast.data.voc import load_pickled_npy_dict  # restricted unpickler: numpy arrays and scalars only
     obj = load_pickled_npy_dict(path)
     if not isinstance(obj, dict):
-        raise DataError(f"{path}: holds {type(obj).__name__}; expected a dict {{class 0..19: (H, W) CAM}}")
-    return _check_cam_items(list(obj.items()), str(path))
+        raise DataError(f"{path}: holds {type(obj).__name__}; expected a dict "
+                        f"{{class 0..{classes.num_fg - 1}: (H, W) CAM}}")
+    return _check_cam_items(list(obj.items()), str(path), classes)
 
 
 def seeds_from_cams(keys: np.ndarray, cams: np.ndarray, threshold: float,
                     shape: Optional[tuple[int, int]] = None) -> np.ndarray:
-    """uint8 (H, W) VOC labels: argmax over [threshold, cams] (ties -> background)."""
+    """uint8 (H, W) labels: argmax over [threshold, cams] (ties -> background); fg class k -> label
+    k + 1 (any class set: the keys say which classes the CAMs are)."""
     if len(keys) == 0:
         if shape is None:
             raise DataError("seeds_from_cams: no CAM stored and no image size given")
@@ -198,27 +235,35 @@ def count_below(thresholds: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def sweep_confusions(gt: np.ndarray, keys: np.ndarray, cams: np.ndarray,
-                     thresholds: np.ndarray) -> np.ndarray:
-    """int64 (T, 21, 22): the confusion of the seeds at every threshold (ascending), in one pass."""
+                     thresholds: np.ndarray, *, classes: ClassSet = VOC) -> np.ndarray:
+    """int64 (T, K+1, K+2): the confusion of the seeds at every threshold (ascending), in one pass.
+
+    ``keys``: the fg classes (0..K-1) of the CAMs ``cams`` (n, H, W); ``gt``: labels 0..K and 255."""
     n_t = len(thresholds)
+    n_cls, n_cols = confusion_shape(classes)
     g = gt.ravel().astype(np.intp)
-    g[g == IGNORE_INDEX] = NUM_CLASSES            # an extra row, dropped below (no masked copies)
-    out = np.zeros((n_t, NUM_CLASSES, N_PRED_COLUMNS), dtype=np.int64)
+    g[g == IGNORE_INDEX] = n_cls                  # an extra row, dropped below (no masked copies)
+    if g.size and (g.min() < 0 or g.max() > n_cls):
+        raise _label_range_error("sweep_confusions gt", gt, classes)
+    keys = np.asarray(keys, np.intp)
+    if keys.size and (keys.min() < 0 or keys.max() >= classes.num_fg):
+        raise DataError(f"sweep_confusions: CAM keys {keys.tolist()}; expected class indices 0..{classes.num_fg - 1}")
+    out = np.zeros((n_t, n_cls, n_cols), dtype=np.int64)
     if len(keys) == 0:   # everything background at every threshold
-        out[:, :, 0] = np.bincount(g, minlength=NUM_CLASSES + 1)[None, :NUM_CLASSES]
+        out[:, :, 0] = np.bincount(g, minlength=n_cls + 1)[None, :n_cls]
         return out
     top, arg = max_argmax(cams.reshape(len(keys), -1))
-    cls = np.asarray(keys, np.intp)[arg] + 1
+    cls = keys[arg] + 1
     # A pixel is foreground exactly for the thresholds t_j < top, i.e. for j < n_below.
     n_below = count_below(thresholds, top)
-    rows = NUM_CLASSES + 1
-    hist = np.bincount((n_below * rows + g) * NUM_CLASSES + cls, minlength=(n_t + 1) * rows * NUM_CLASSES)
-    hist = hist.reshape(n_t + 1, rows, NUM_CLASSES)[:, :NUM_CLASSES]
+    rows = n_cls + 1
+    hist = np.bincount((n_below * rows + g) * n_cls + cls, minlength=(n_t + 1) * rows * n_cls)
+    hist = hist.reshape(n_t + 1, rows, n_cls)[:, :n_cls]
     # foreground at threshold j: pixels with n_below > j (reverse cumulative sum over n_below)
-    fg = np.cumsum(hist[::-1], axis=0)[::-1][1:]                       # (T, 21, 21)
+    fg = np.cumsum(hist[::-1], axis=0)[::-1][1:]                       # (T, K+1, K+1)
     # background at threshold j: pixels with n_below <= j, whatever their fg class
-    bg = np.cumsum(hist.sum(axis=2), axis=0)[:n_t]                     # (T, 21)
-    out[:, :, :NUM_CLASSES] = fg
+    bg = np.cumsum(hist.sum(axis=2), axis=0)[:n_t]                     # (T, K+1)
+    out[:, :, :n_cls] = fg
     out[:, :, 0] += bg
     return out
 
@@ -244,6 +289,7 @@ class EvalJob:
     mode: str                      # "png" | "cam"
     thresholds: Optional[np.ndarray] = None
     allow_missing: bool = False
+    classes: ClassSet = VOC        # label PNG range, CAM keys, confusion shape
 
 
 def _find_prediction(job: EvalJob, image_id: str) -> Optional[Path]:
@@ -262,7 +308,7 @@ def _evaluate_id(job: EvalJob, image_id: str) -> tuple[str, Optional[np.ndarray]
         if job.allow_missing:
             return "missing_gt", None
         raise DataError(f"id {image_id!r}: no ground truth {gt_path}")
-    gt = read_label_png(gt_path)
+    gt = read_label_png(gt_path, job.classes)
     pred_path = _find_prediction(job, image_id)
     status = "ok"
     if pred_path is None:
@@ -271,17 +317,17 @@ def _evaluate_id(job: EvalJob, image_id: str) -> tuple[str, Optional[np.ndarray]
                             f"{Path(job.pred_dir) / image_id}{'.png' if job.mode == 'png' else '.npy/.npz'}")
         status = "missing_pred"
     if job.mode == "png":
-        pred = np.zeros_like(gt) if pred_path is None else read_label_png(pred_path)
+        pred = np.zeros_like(gt) if pred_path is None else read_label_png(pred_path, job.classes)
         _check_size(image_id, pred.shape, gt.shape, pred_path)
-        return status, confusion_matrix(gt, pred)
+        return status, confusion_matrix(gt, pred, classes=job.classes)
     if pred_path is None:
         keys, cams = np.zeros(0, np.int64), np.zeros((0,) + gt.shape, np.float32)
     else:
-        keys, cams = read_cam_file(pred_path)
+        keys, cams = read_cam_file(pred_path, classes=job.classes)
         if len(keys) == 0 and cams.shape[1:] == (0, 0):
             cams = np.zeros((0,) + gt.shape, np.float32)   # empty .npy dict: size unknown, all bg
         _check_size(image_id, cams.shape[1:], gt.shape, pred_path)
-    return status, sweep_confusions(gt, keys, cams, job.thresholds)
+    return status, sweep_confusions(gt, keys, cams, job.thresholds, classes=job.classes)
 
 
 def _check_size(image_id, pred_shape, gt_shape, path) -> None:
@@ -301,7 +347,9 @@ def _evaluate_chunk(job: EvalJob, ids: Sequence[str]):
 
 
 def _accumulate(job: EvalJob, ids: Sequence[str], workers: int, progress: bool):
-    shape = (NUM_CLASSES, N_PRED_COLUMNS) if job.mode == "png" else (len(job.thresholds), NUM_CLASSES, N_PRED_COLUMNS)
+    shape = confusion_shape(job.classes)
+    if job.mode != "png":
+        shape = (len(job.thresholds),) + shape
     total = np.zeros(shape, dtype=np.int64)
     counts = {"ok": 0, "missing_gt": 0, "missing_pred": 0}
     chunk = 16
@@ -360,6 +408,8 @@ def _dist_rank_world() -> tuple[int, int]:
 
 
 def _all_reduce(total: np.ndarray, counts: dict) -> tuple[np.ndarray, dict]:
+    """Sum ``total`` (any shape: (K+1, K+2), (T, K+1, K+2), ...) and ``counts`` over the ranks; the
+    shape is the caller's array's, so every rank must pass the same one (the same class set)."""
     rank, world = _dist_rank_world()
     if world == 1:
         return total, counts
@@ -389,12 +439,15 @@ def default_id_list(gt_dir) -> list[str]:
     return ids
 
 
-def _result_dict(conf: np.ndarray, counts: dict, average: str = "present") -> dict:
+def _result_dict(conf: np.ndarray, counts: dict, average: str = "present", classes: ClassSet = VOC) -> dict:
+    if conf.shape != confusion_shape(classes):
+        raise DataError(f"confusion of shape {conf.shape}: expected {confusion_shape(classes)} "
+                        f"for class set {classes.name!r}")
     iou, present = iou_from_confusion(conf)
     return {
         "miou": float(miou_from_confusion(conf, average) * 100),
         "average": average,
-        "iou": {name: (float(iou[i] * 100) if present[i] else None) for i, name in enumerate(VOC_CLASS_NAMES)},
+        "iou": {name: (float(iou[i] * 100) if present[i] else None) for i, name in enumerate(classes.label_names)},
         "n_images": counts["ok"] + counts["missing_pred"],
         "n_missing_pred": counts["missing_pred"],
         "n_missing_gt": counts["missing_gt"],
@@ -404,8 +457,12 @@ def _result_dict(conf: np.ndarray, counts: dict, average: str = "present") -> di
 
 def evaluate(gt_dir, *, pred_dir=None, cam_dir=None, ids: Optional[Sequence[str]] = None,
              thresholds="0.00:0.60:0.01", allow_missing: bool = False, workers: int = 0,
-             progress: bool = False, average: str = "present") -> dict:
+             progress: bool = False, average: str = "present", classes: ClassSet = VOC) -> dict:
     """Evaluate label PNGs (``pred_dir``) or sweep CAM files (``cam_dir``) against ``gt_dir``.
+
+    ``classes``: the class set (hsc_fast.classes; default VOC): label PNGs may hold 0..K and 255
+    (DataError naming the file and the value otherwise), CAM keys 0..K-1, and "iou" has its K+1
+    label names (0 = background) in index order.
 
     Returns {"miou", "iou", "n_images", "n_missing_pred", "n_missing_gt", "confusion"} (percent);
     for a sweep the top-level metrics are those at the best threshold, plus "curve" (list of
@@ -425,12 +482,12 @@ def evaluate(gt_dir, *, pred_dir=None, cam_dir=None, ids: Optional[Sequence[str]
     rank, world = _dist_rank_world()
     my_ids = ids[rank::world]
     if pred_dir is not None:
-        job = EvalJob(str(gt_dir), str(pred_dir), "png", allow_missing=allow_missing)
+        job = EvalJob(str(gt_dir), str(pred_dir), "png", allow_missing=allow_missing, classes=classes)
     else:
         ths = parse_thresholds(thresholds) if isinstance(thresholds, str) else np.asarray(thresholds, np.float32)
         if np.any(np.diff(ths) <= 0):
             raise ConfigError(f"thresholds {ths.tolist()}: expected strictly ascending values")
-        job = EvalJob(str(gt_dir), str(cam_dir), "cam", thresholds=ths, allow_missing=allow_missing)
+        job = EvalJob(str(gt_dir), str(cam_dir), "cam", thresholds=ths, allow_missing=allow_missing, classes=classes)
     if allow_missing:
         _check_something_to_evaluate(job, ids)   # without it a missing file raises DataError anyway
     total, counts = _accumulate(job, my_ids, workers, progress and rank == 0)
@@ -442,10 +499,10 @@ def evaluate(gt_dir, *, pred_dir=None, cam_dir=None, ids: Optional[Sequence[str]
                                     f"and a prediction in {job.pred_dir} ({counts['missing_pred']} predictions "
                                     f"missing, {counts['missing_gt']} ground truths missing)", before_work=False)
     if job.mode == "png":
-        return _result_dict(total, counts, average)
+        return _result_dict(total, counts, average, classes)
     mious = miou_from_confusion(total, average) * 100
     best = int(np.nanargmax(mious)) if np.any(np.isfinite(mious)) else 0
-    result = _result_dict(total[best], counts, average)
+    result = _result_dict(total[best], counts, average, classes)
     result["curve"] = [{"threshold": round(float(t), 6), "miou": float(m)} for t, m in zip(job.thresholds, mious)]
     result["best"] = {"threshold": round(float(job.thresholds[best]), 6), "miou": float(mious[best]),
                       "n_missing_pred": counts["missing_pred"]}
@@ -471,13 +528,15 @@ def _check_something_to_evaluate(job: EvalJob, ids: Sequence[str]) -> None:
 
 
 def format_table(result: dict) -> str:
-    """Per-class IoU table (percent) for stdout."""
-    lines = [f"{'class':>14s}  IoU (%)"]
+    """Per-class IoU table (percent) for stdout: one row per label name of the result (K+1)."""
+    width = max([14] + [len(name) for name in result["iou"]])
+    lines = [f"{'class':>{width}s}  IoU (%)"]
     for name, v in result["iou"].items():
-        lines.append(f"{name:>14s}  {'   -' if v is None else f'{v:7.2f}'}")
+        lines.append(f"{name:>{width}s}  {'   -' if v is None else f'{v:7.2f}'}")
     missing = _missing_note(result)
-    average = "" if result.get("average", "present") == "present" else ", average over all 21 classes"
-    lines.append(f"{'mIoU':>14s}  {result['miou']:7.2f}   ({result['n_images']} images{missing}{average})")
+    average = ("" if result.get("average", "present") == "present"
+               else f", average over all {len(result['iou'])} classes")
+    lines.append(f"{'mIoU':>{width}s}  {result['miou']:7.2f}   ({result['n_images']} images{missing}{average})")
     if "best" in result:
         lines.append(f"best background threshold {result['best']['threshold']:.2f} -> mIoU {result['best']['miou']:.2f}"
                      f" ({missing[2:]})")

@@ -1,7 +1,9 @@
 """The run report: `report.md` and `report.html` in the run directory.
 
-Built only from files the stages wrote (summary.json, the evaluation JSONs, the curve PNG and the
-overlay pictures), so it can be regenerated at any time: `python -m hsc_fast.cli.report RUN_DIR`.
+Built only from files the stages wrote (summary.json, the evaluation JSONs, the curve PNG, the
+overlay pictures and classes.json), so it can be regenerated at any time:
+`python -m hsc_fast.cli.report RUN_DIR`. The per-class IoU table has one row per label name of the
+evaluations (K+1: 21 for VOC, 81 for COCO), in label order; the class set's line names K.
 """
 from __future__ import annotations
 
@@ -25,8 +27,23 @@ def _load_json(path: Path) -> Optional[dict]:
         return None
 
 
+def _classes_line(run_dir: Path) -> Optional[str]:
+    """'Classes: coco (80 foreground classes + background)' from RUN_DIR/classes.json, if any."""
+    path = run_dir / "classes.json"
+    if not path.is_file():
+        return None
+    from hsc_fast.classes import load
+    from hsc_fast.errors import DataError
+    try:
+        cs = load(path)
+    except DataError as e:
+        return f"Classes: unreadable {path.name} ({e})"
+    return f"Classes: {cs.name} ({cs.num_fg} foreground classes + background)"
+
+
 def _iou_table(evals: dict[str, dict]) -> list[list[str]]:
-    """Rows: class, then one column per evaluation (percent IoU)."""
+    """Rows: class (every label name of the evaluations, in their order), then one column per
+    evaluation (percent IoU)."""
     names: list[str] = []
     for result in evals.values():
         for name in result.get("iou", {}):
@@ -74,6 +91,7 @@ def collect(run_dir: Path) -> dict:
     curve = summary.get("curve_png")
     return {"summary": summary, "evals": evals, "pictures": pictures,
             "curve": curve if curve and (run_dir / curve).is_file() else None,
+            "classes": _classes_line(run_dir),
             "config": (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""}
 
 
@@ -104,6 +122,8 @@ def render_markdown(info: dict) -> str:
     lines = ["# hsc-fast run report", ""]
     if s.get("dataset"):
         lines += [f"Dataset: {s['dataset']}", ""]
+    if info.get("classes"):
+        lines += [info["classes"], ""]
     lines += ["## Headline (mIoU %)", "", "| stage | mIoU | on |", "|---|---|---|"]
     for key, title in HEADLINES:
         if key in s:
@@ -130,6 +150,8 @@ def render_html(info: dict) -> str:
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}</style>"
              "</head><body><h1>hsc-fast run report</h1>"]
+    if info.get("classes"):
+        parts.append(f"<p>{html.escape(info['classes'])}</p>")
     rows = [["stage", "mIoU (%)"]] + [[t, _pct(s[k])] for k, t in HEADLINES if k in s]
     parts += ["<h2>Headline</h2>", _html_table(rows)]
     parts += [f"<p>{html.escape(line)}</p>" for line in stage_lines(s) + backbone_lines(s)]

@@ -3,23 +3,29 @@
 What is computed (the authors' inference.py, see notes/hsc-reference.md "Inference"):
   * per scale s (default 0.5/1.0/1.5/2.0) the image is resized with PIL bicubic to
     (round(W*s), round(H*s)), normalised (ImageNet mean/std), and run with its horizontal flip;
-  * the raw CAM head output ``model(x)["cam"]`` (not the PCM-refined one), softmax over the 21
-    channels, bilinear upsampling (align_corners=False) to the image size, the flipped one flipped
-    back, the 20 fg channels times the image labels, all summed;
+  * the raw CAM head output ``model(x)["cam"]`` (not the PCM-refined one), softmax over its K+1
+    channels (background last; 21 for VOC, 81 for COCO), bilinear upsampling (align_corners=False)
+    to the image size, the flipped one flipped back, the K fg channels times the image labels, all
+    summed;
   * each class divided by its max (+1e-5); the classes of the image (label > 1e-5) are stored.
 
 Files (``OUT`` = ``--out``):
-  * ``cam_npy/{id}.npy``: the SEAM/HSC format, ``np.save`` of a dict {fg class 0..19: (H, W)
+  * ``cam_npy/{id}.npy``: the SEAM/HSC format, ``np.save`` of a dict {fg class 0..K-1: (H, W)
     float32 (float16 with --fp16)}. It is a pickle: other WSSS tools read it with
     ``np.load(allow_pickle=True)``; our evaluate reads it with a restricted unpickler that only
     rebuilds numpy arrays. ``--format npz`` writes ``cam_npy/{id}.npz`` instead (arrays ``keys``
     (K,) and ``cams`` (K, H, W), no pickle at all) -- safe to exchange, but only our tools read it.
-  * ``seeds/{id}.png``: argmax over [bg threshold, CAMs] as VOC palette PNGs; ``sweep.json`` and
+  * ``seeds/{id}.png``: argmax over [bg threshold, CAMs] as palette PNGs (labels 0..K, the VOC
+    colour map, which covers all 256 indices); ``sweep.json`` and
     ``sweep.png``: the threshold sweep against the ground truth (when there is one).
   * ``pseudo_labels/{id}.png``: dense-CRF pseudo-labels: probabilities [(1 - max fg)^alpha, CAMs],
-    CRF (``hsc_fast.crf``), argmax; pixels whose two best CRF probabilities are closer than
+    CRF (``hsc_fast.crf``) over the image's present classes and the background only, argmax;
+    pixels whose two best CRF probabilities are closer than
     ``--uncertain-margin`` become 255 (ignored by DeepLab training); ``crf_eval.json``.
   * ``overlays/{id}.jpg``: image | CAM heat map | seeds | CRF label, for the first few ids of rank 0.
+
+Class set: ``SeedJob.classes`` (a hsc_fast.classes.ClassSet, default VOC; the run's) bounds the
+CAM keys read back, the label PNG values, and the confusion matrices of the sweeps.
 
 Distributed: rank r of W handles ids[r::W] (each id exactly once); outputs are written to a
 temporary name and renamed, so an existing file is complete and a rerun skips it (resume).
@@ -39,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hsc_fast.io import atomic_write, write_json
-from hsc_fast import NUM_FG
+from hsc_fast.classes import IGNORE_INDEX, VOC, ClassSet
 from hsc_fast.config import RunConfig, SeedConfig
 from hsc_fast.crf import CrfParams
 from hsc_fast.distributed import barrier, get_rank, world_size
@@ -54,7 +60,7 @@ N_OVERLAYS = 8
 
 @dataclass
 class Sample:
-    """One image to infer: id, uint8 (H, W, 3) RGB, float32 (20,) multi-hot labels."""
+    """One image to infer: id, uint8 (H, W, 3) RGB, float32 (K,) multi-hot labels."""
     key: str
     image: np.ndarray
     label: np.ndarray
@@ -74,7 +80,7 @@ def dist_rank_world() -> tuple[int, int]:
 # -------------------------------------------------------------------------------- image sources
 
 def _as_sample(rec) -> Sample:
-    """An eval-stream record ``(key, image, label20[, mask])`` -> Sample."""
+    """An eval-stream record ``(key, image, label (K,)[, mask])`` -> Sample."""
     if isinstance(rec, Sample):
         return rec
     key, img, label = rec[:3]
@@ -117,22 +123,30 @@ def multiscale_cam(model: torch.nn.Module, image: np.ndarray, label: np.ndarray,
                    scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0), flip: bool = True,
                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                    device="cpu", amp: Optional[bool] = None) -> torch.Tensor:
-    """float32 (20, H, W) CAMs on ``device``: summed softmax CAMs times labels, each class / (max + 1e-5).
+    """float32 (K, H, W) CAMs on ``device``: summed softmax CAMs times labels, each class / (max + 1e-5).
 
-    ``amp`` (default: on for CUDA) runs the model under bf16 autocast; the softmax and the sums are fp32.
+    K is the length of ``label``; the model's "cam" must have K+1 channels, background last
+    (ConfigError otherwise). ``amp`` (default: on for CUDA) runs the model under bf16 autocast; the
+    softmax and the sums are fp32.
     """
     device = torch.device(device)
     amp = device.type == "cuda" if amp is None else amp
     h, w = image.shape[:2]
-    lab = torch.as_tensor(np.asarray(label, np.float32), device=device).view(NUM_FG, 1, 1)
-    total = torch.zeros((NUM_FG, h, w), dtype=torch.float32, device=device)
+    label = np.asarray(label, np.float32).reshape(-1)
+    k = label.size
+    lab = torch.as_tensor(label, device=device).view(k, 1, 1)
+    total = torch.zeros((k, h, w), dtype=torch.float32, device=device)
     for x in scaled_inputs(image, scales, mean, std):
         x = x.to(device)[None]
         batch = torch.cat([x, x.flip(-1)]) if flip else x
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             cam = model(batch)["cam"]
+        if cam.shape[1] != k + 1:
+            raise ConfigError(f"the CAM model has {cam.shape[1]} output channels but the image labels have {k} "
+                              f"classes: expected {k + 1} (K fg + background last); the model and the class set "
+                              "do not belong together")
         prob = F.interpolate(cam.float().softmax(dim=1), size=(h, w), mode="bilinear", align_corners=False)
-        fg = prob[:, :NUM_FG]
+        fg = prob[:, :k]
         total += fg[0]
         if flip:
             total += fg[1].flip(-1)
@@ -141,7 +155,7 @@ def multiscale_cam(model: torch.nn.Module, image: np.ndarray, label: np.ndarray,
 
 
 def present_classes(label: np.ndarray) -> np.ndarray:
-    """Fg class indices 0..19 of an image (label > 1e-5), ascending."""
+    """Fg class indices 0..K-1 of an image (label (K,) > 1e-5), ascending."""
     return np.flatnonzero(np.asarray(label) > LABEL_PRESENT).astype(np.int64)
 
 
@@ -171,13 +185,17 @@ def save_cam_file(path, keys: np.ndarray, cams: np.ndarray, *, fp16: bool = Fals
 def infer_cam_files(model: torch.nn.Module, samples: Iterable[Sample], cam_dir, cfg: SeedConfig, *,
                     fmt: str = "npy", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                     device="cpu", amp: Optional[bool] = None, total: Optional[int] = None,
-                    progress: bool = False) -> int:
-    """Run ``multiscale_cam`` on each sample and write ``cam_dir/{id}.{fmt}``; returns the count."""
+                    progress: bool = False, classes: Optional[ClassSet] = None) -> int:
+    """Run ``multiscale_cam`` on each sample and write ``cam_dir/{id}.{fmt}``; returns the count.
+    ``classes`` given: every sample's labels must have its K entries (DataError naming the id)."""
     Path(cam_dir).mkdir(parents=True, exist_ok=True)
     model.eval()
     bar = _bar(total, "cam", progress)
     n = 0
     for s in samples:
+        if classes is not None and np.asarray(s.label).size != classes.num_fg:
+            raise DataError(f"id {s.key!r}: image labels of length {np.asarray(s.label).size}; the class set "
+                            f"{classes.name!r} has {classes.num_fg} classes")
         keys = present_classes(s.label)
         cams = multiscale_cam(model, s.image, s.label, scales=cfg.scales, flip=cfg.flip, mean=mean, std=std,
                               device=device, amp=amp)
@@ -248,37 +266,47 @@ def alpha_for_threshold(t: float) -> float:
 
 
 def crf_input(keys: np.ndarray, cams: np.ndarray, alpha: float) -> np.ndarray:
-    """(K+1, H, W) CRF probabilities, background first (``hsc_fast.crf.cam_to_crf_probs``)."""
+    """(n+1, H, W) CRF probabilities of the n present classes' CAMs (n, H, W), background first
+    (``hsc_fast.crf.cam_to_crf_probs``): the CRF sees only these channels, whatever K is."""
     from hsc_fast.crf import cam_to_crf_probs
     return cam_to_crf_probs(np.clip(np.asarray(cams, np.float32), 0.0, 1.0), alpha)
 
 
 def label_from_crf(keys: np.ndarray, probs: np.ndarray, uncertain_margin: float = 0.0) -> np.ndarray:
-    """CRF marginals (K+1, H, W) -> uint8 VOC labels; top-2 closer than the margin -> 255."""
-    voc_ids = np.concatenate([[0], np.asarray(keys, np.int64) + 1]).astype(np.uint8)
-    label = voc_ids[probs.argmax(axis=0)]
+    """CRF marginals (n+1, H, W) over [bg, the n classes ``keys``] -> uint8 labels (channel 0 -> 0,
+    channel j -> keys[j-1] + 1, so fg class 79 is label 80); top-2 closer than the margin -> 255."""
+    keys = np.asarray(keys, np.int64).reshape(-1)
+    if probs.shape[0] != keys.size + 1:
+        raise DataError(f"label_from_crf: {probs.shape[0]} CRF channels for {keys.size} classes; "
+                        f"expected {keys.size + 1} (background first)")
+    if keys.size and (keys.min() < 0 or keys.max() >= IGNORE_INDEX - 1):
+        raise DataError(f"label_from_crf: class keys {keys.tolist()} do not fit uint8 labels below {IGNORE_INDEX}")
+    label_of_channel = np.concatenate([[0], keys + 1]).astype(np.uint8)
+    label = label_of_channel[probs.argmax(axis=0)]
     if uncertain_margin > 0 and len(probs) > 1:
         top2 = np.partition(probs, len(probs) - 2, axis=0)[-2:]
-        label = np.where(top2[1] - top2[0] < uncertain_margin, np.uint8(255), label)
+        label = np.where(top2[1] - top2[0] < uncertain_margin, np.uint8(IGNORE_INDEX), label)
     return label
 
 
 def crf_label(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, p: PseudoLabelParams) -> np.ndarray:
-    """uint8 (H, W) VOC labels of one image from the dense CRF over [bg, CAMs]."""
+    """uint8 (H, W) labels of one image from the dense CRF over [bg, the present classes' CAMs]."""
     from hsc_fast.crf import crf_inference
     probs = crf_inference(image, crf_input(keys, cams, p.alpha), backend=p.backend, **p.crf.kwargs())
     return label_from_crf(keys, np.asarray(probs), p.uncertain_margin)
 
 
-def _write_png(path: Path, label: np.ndarray) -> None:
-    data = encode_label_png(label)
+def _write_png(path: Path, label: np.ndarray, classes: ClassSet = VOC) -> None:
+    data = encode_label_png(label, classes)
     atomic_write(path, lambda f: f.write(data))
 
 
 def write_labels(samples: Iterable[Sample], cam_dir, out_dir, *, threshold: Optional[float] = None,
                  crf: Optional[PseudoLabelParams] = None, overlays: int = 0, workers: int = 1,
-                 total: Optional[int] = None, progress: bool = False) -> int:
+                 total: Optional[int] = None, progress: bool = False, classes: ClassSet = VOC) -> int:
     """For each sample: seeds (``threshold`` given) and/or CRF pseudo-labels, and inspection overlays.
+
+    ``classes``: the CAM keys read must be its 0..K-1, the PNGs written hold 0..K (and 255).
 
     Writes ``out_dir/seeds/{id}.png``, ``out_dir/pseudo_labels/{id}.png``, ``out_dir/overlays/{id}.jpg``
     (the first ``overlays`` samples). The CRF runs through ``hsc_fast.crf.crf_imap``: ``workers``
@@ -293,11 +321,11 @@ def write_labels(samples: Iterable[Sample], cam_dir, out_dir, *, threshold: Opti
 
     def with_seeds():
         for n, s in enumerate(samples):
-            keys, cams = _read_cams_for(cam_dir, s)
+            keys, cams = _read_cams_for(cam_dir, s, classes=classes)
             seed = None
             if threshold is not None:
                 seed = seeds_from_cams(keys, cams, threshold, s.image.shape[:2])
-                _write_png(seeds_dir / f"{s.key}.png", seed)
+                _write_png(seeds_dir / f"{s.key}.png", seed, classes)
             yield s, keys, cams, seed, n < overlays
 
     count = 0
@@ -321,7 +349,7 @@ def write_labels(samples: Iterable[Sample], cam_dir, out_dir, *, threshold: Opti
         for probs in crf_imap(crf_pairs(), workers=max(1, workers), backend=crf.backend, **crf.crf.kwargs()):
             s, keys, cams, seed, overlay = pending.pop(0)
             label = label_from_crf(keys, probs, crf.uncertain_margin)
-            _write_png(crf_dir / f"{s.key}.png", label)
+            _write_png(crf_dir / f"{s.key}.png", label, classes)
             if overlay:
                 _save_overlay(ov_dir, s, cams, [seed, label])
             count += 1
@@ -331,11 +359,12 @@ def write_labels(samples: Iterable[Sample], cam_dir, out_dir, *, threshold: Opti
     return count
 
 
-def _read_cams_for(cam_dir, s: Sample) -> tuple[np.ndarray, np.ndarray]:
+def _read_cams_for(cam_dir, s: Sample, *, classes: ClassSet = VOC) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, cams) of one sample's CAM file (keys 0..K-1 of ``classes``), checked against its image size."""
     path = find_cam_file(cam_dir, s.key)
     if path is None:
         raise DataError(f"id {s.key!r}: no CAM file {cam_path(cam_dir, s.key)} (.npy/.npz); run --stage cam first")
-    keys, cams = read_cam_file(path)
+    keys, cams = read_cam_file(path, classes=classes)
     if len(keys) == 0:
         return keys, np.zeros((0,) + s.image.shape[:2], np.float32)
     if cams.shape[1:] != s.image.shape[:2]:
@@ -396,6 +425,12 @@ class SeedJob:
     uncertain_margin: float = 0.0
     overlays: int = N_OVERLAYS
     progress: bool = True
+    classes: Optional[ClassSet] = None  # the run's class set; None: the config's (data.classes; VOC for auto)
+
+    def __post_init__(self):
+        if self.classes is None:
+            from hsc_fast.config import run_class_set
+            self.classes = run_class_set(self.cfg)
 
 
 def run_cam_stage(job: SeedJob, model: torch.nn.Module, device) -> int:
@@ -405,7 +440,8 @@ def run_cam_stage(job: SeedJob, model: torch.nn.Module, device) -> int:
     todo = pending_ids(mine, [(cam_dir, ("npy", "npz"))])
     samples = open_samples(job.data, todo, cls_labels=job.cls_labels, sbd_root=job.sbd_root, workers=job.workers)
     n = infer_cam_files(model, samples, cam_dir, job.cfg.seeds, fmt=job.fmt, mean=job.cfg.data.mean,
-                        std=job.cfg.data.std, device=device, total=len(todo), progress=job.progress and rank == 0)
+                        std=job.cfg.data.std, device=device, total=len(todo), progress=job.progress and rank == 0,
+                        classes=job.classes)
     barrier()
     return n
 
@@ -467,7 +503,7 @@ def run_sweep_stage(job: SeedJob) -> Optional[dict]:
 
     def sweep(text: str) -> dict:
         return evaluate(job.gt, cam_dir=Path(job.out) / "cam_npy", ids=job.ids, thresholds=text,
-                        workers=job.workers, progress=job.progress and is_main)
+                        workers=job.workers, progress=job.progress and is_main, classes=job.classes)
 
     result = sweep_to_peak(sweep, job.cfg.seeds.thresholds, log=print if is_main else (lambda *_: None))
     if dist_rank_world()[0] == 0:
@@ -507,17 +543,17 @@ def alpha_candidates(cfg: SeedConfig, threshold: float) -> list[float]:
 
 
 def alpha_confusions(images: Sequence[tuple], grid: Sequence[float], base: PseudoLabelParams,
-                     workers: int = 1) -> np.ndarray:
-    """int64 (len(grid), 21, 22): the confusion of the CRF pseudo-labels of `images` ((image,
+                     workers: int = 1, *, classes: ClassSet = VOC) -> np.ndarray:
+    """int64 (len(grid), K+1, K+2): the confusion of the CRF pseudo-labels of `images` ((image,
     keys, cams, gt) each) at every alpha of `grid`, the rest of the CRF as in `base`."""
     from hsc_fast.crf import crf_imap
-    from hsc_fast.eval.evaluate import N_PRED_COLUMNS, NUM_CLASSES, confusion_matrix
-    conf = np.zeros((len(grid), NUM_CLASSES, N_PRED_COLUMNS), np.int64)
+    from hsc_fast.eval.evaluate import confusion_matrix, confusion_shape
+    conf = np.zeros((len(grid),) + confusion_shape(classes), np.int64)
     for i, alpha in enumerate(grid):
         pairs = ((img, crf_input(keys, cams, alpha)) for img, keys, cams, _ in images)
         marginals = crf_imap(pairs, workers=max(1, workers), backend=base.backend, **base.crf.kwargs())
         for (_, keys, _, gt), q in zip(images, marginals):
-            conf[i] += confusion_matrix(gt, label_from_crf(keys, q, base.uncertain_margin))
+            conf[i] += confusion_matrix(gt, label_from_crf(keys, q, base.uncertain_margin), classes=classes)
     return conf
 
 
@@ -534,12 +570,14 @@ def sweep_alpha(job: SeedJob, gt_dir, ids: Sequence[str]) -> dict:
     subset = list(ids)[: seeds_cfg.crf.alpha_sweep_images]
     rank, world = dist_rank_world()
     out, cam_dir = Path(job.out), Path(job.out) / "cam_npy"
-    items = [(s, *_read_cams_for(cam_dir, s), read_label_png(Path(gt_dir) / f"{s.key}.png"))
+    items = [(s, *_read_cams_for(cam_dir, s, classes=job.classes),
+              read_label_png(Path(gt_dir) / f"{s.key}.png", job.classes))
              for s in open_samples(job.data, split_ids(subset, rank, world), cls_labels=job.cls_labels,
                                    sbd_root=job.sbd_root)]
     base = PseudoLabelParams.from_config(seeds_cfg, job.uncertain_margin, threshold=0.5)
     images = [(s.image, keys, cams, gt) for s, keys, cams, gt in items]
-    conf = _all_reduce(alpha_confusions(images, grid, base, workers=job.workers), {})[0]   # summed over ranks
+    conf = _all_reduce(alpha_confusions(images, grid, base, workers=job.workers, classes=job.classes),
+                       {})[0]   # summed over ranks
     mious = miou_from_confusion(conf) * 100
     best = int(np.nanargmax(mious))
     result = {"grid": grid, "miou": [float(m) for m in mious], "best_alpha": grid[best],
@@ -566,11 +604,11 @@ def run_label_stage(job: SeedJob, *, seeds: bool, crf: bool) -> int:
     n = write_labels(samples, out / "cam_npy", out, threshold=seed_threshold(job) if seeds else None,
                      crf=params,
                      overlays=job.overlays if rank == 0 else 0, workers=job.workers, total=len(todo),
-                     progress=job.progress and rank == 0)
+                     progress=job.progress and rank == 0, classes=job.classes)
     barrier()
     if crf and job.gt:
-        result = dict(evaluate(job.gt, pred_dir=out / "pseudo_labels", ids=job.ids, workers=job.workers),
-                      crf_alpha=params.alpha)
+        result = dict(evaluate(job.gt, pred_dir=out / "pseudo_labels", ids=job.ids, workers=job.workers,
+                               classes=job.classes), crf_alpha=params.alpha)
         if rank == 0:
             print(format_table(result))
             write_outputs(result, out / "crf_eval.json")

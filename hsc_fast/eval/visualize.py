@@ -10,13 +10,17 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from hsc_fast import IGNORE_INDEX
-from hsc_fast.data.voc import VOC_PALETTE
+from hsc_fast.classes import IGNORE_INDEX, PALETTE
+from hsc_fast.errors import DataError
 
 
 def colorize_label(label: np.ndarray) -> np.ndarray:
-    """uint8 (H, W) VOC class indices -> uint8 (H, W, 3) VOC colours (255 -> the boundary colour)."""
-    return VOC_PALETTE[np.asarray(label, dtype=np.uint8)]
+    """uint8 (H, W) label indices -> uint8 (H, W, 3) colours of the VOC colour map, which is defined
+    for all 256 indices (VOC's 0..20, COCO's 0..80, any synthetic set; 255 -> the boundary colour)."""
+    label = np.asarray(label)
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise DataError(f"colorize_label: values [{label.min()}, {label.max()}] outside the uint8 label range")
+    return PALETTE[label.astype(np.uint8, copy=False)]
 
 
 def overlay_label(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndarray:

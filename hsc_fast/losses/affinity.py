@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from hsc_fast import IGNORE_INDEX
+from hsc_fast.classes import IGNORE_INDEX
 from hsc_fast.errors import DataError
 from hsc_fast.ops.random_walk import pair_offsets, pair_validity, shift_to_pair_end
 

@@ -9,7 +9,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from hsc_fast import BG_INDEX, NUM_FG
 from hsc_fast import ops
 from hsc_fast.ops import upcast
 from hsc_fast.precision import fp32_losses
@@ -33,12 +32,12 @@ def max_onehot(x: torch.Tensor, fixed: bool = False) -> torch.Tensor:
     """Zero the non-maximal channels of a (detached) normalised CAM.
 
     Official (fixed=False): SEAM's bg-FIRST helper applied to the bg-LAST layout, so channel 0
-    (aeroplane) is kept as if it were the background and the maximum runs over channels 1..20
-    (background included). fixed=True keeps the real background (channel 20) and takes the
-    maximum over the 20 foreground channels.
+    (aeroplane) is kept as if it were the background and the maximum runs over channels 1..K
+    (background included). fixed=True keeps the real background (the last channel K) and takes
+    the maximum over the K foreground channels.
     """
     x = x.detach().clone()
-    part = x[:, :NUM_FG] if fixed else x[:, 1:]
+    part = x[:, :-1] if fixed else x[:, 1:]
     top = part.max(dim=1, keepdim=True)[0]
     part[part != top] = 0
     return x
@@ -47,8 +46,8 @@ def max_onehot(x: torch.Tensor, fixed: bool = False) -> torch.Tensor:
 @fp32_losses
 def adaptive_min_pooling_loss(cam_rv: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Mean of the ReLU'd lowest quarter of the per-pixel channel maxima of (cam_rv * label)'s
-    20 foreground channels."""
-    x = (cam_rv * label_with_bg(label).to(cam_rv.dtype))[:, :NUM_FG]
+    K foreground channels."""
+    x = (cam_rv * label_with_bg(label).to(cam_rv.dtype))[:, :-1]
     n, _, h, w = x.shape
     k = h * w // 4
     lowest = torch.topk(x.max(dim=1)[0].reshape(n, -1), k=k, dim=-1, largest=False)[0]
@@ -63,11 +62,11 @@ def seam_er_ecr(cam1, cam2, cam_rv1, cam_rv2, label, onehot_fixed: bool = False)
     lab = label_with_bg(label).to(cam1.dtype)
     c1 = resize_to(seam_max_norm(cam1), hw) * lab
     c2 = seam_max_norm(cam2) * lab
-    er = (c1[:, :NUM_FG] - c2[:, :NUM_FG]).abs().mean()
+    er = (c1[:, :-1] - c2[:, :-1]).abs().mean()
 
     def with_bg(c):  # bg channel = 1 - max foreground (for the one-hot targets only)
         c = c.detach().clone()
-        c[:, BG_INDEX] = 1 - c[:, :NUM_FG].max(dim=1)[0]
+        c[:, -1] = 1 - c[:, :-1].max(dim=1)[0]
         return c
 
     rv1 = resize_to(seam_max_norm(cam_rv1), hw) * lab
@@ -92,7 +91,7 @@ def eps_saliency_loss(cam: torch.Tensor, saliency: torch.Tensor, label: torch.Te
     n, c, h, w = cam.shape
     sal = F.interpolate(upcast(saliency), size=(h, w))          # nearest, as the official code
     probs = F.softmax(upcast(cam), dim=1)
-    fg_probs = probs[:, :NUM_FG]
+    fg_probs = probs[:, :-1]
     with torch.no_grad():
         hard = torch.round(fg_probs)
         overlap = (hard * torch.round(sal)).flatten(2).sum(-1) / (hard + 1e-4).flatten(2).sum(-1)
@@ -101,7 +100,7 @@ def eps_saliency_loss(cam: torch.Tensor, saliency: torch.Tensor, label: torch.Te
         fg_sel = valid.to(probs.dtype)[..., None, None]
         bg_sel = (present & ~valid).to(probs.dtype)[..., None, None]
     fg_map = (fg_probs * fg_sel).sum(dim=1, keepdim=True)
-    bg_map = (fg_probs * bg_sel).sum(dim=1, keepdim=True) + probs[:, BG_INDEX:BG_INDEX + 1]
+    bg_map = (fg_probs * bg_sel).sum(dim=1, keepdim=True) + probs[:, -1:]
     predicted = fg_map * alpha + (1 - bg_map) * (1 - alpha)
     return F.mse_loss(predicted, sal)
 

@@ -1,14 +1,14 @@
 """CAM helpers shared by the losses: normalisation, pseudo-labels, resizing, classification.
 
-Layout: CAMs are (N,21,h,w) with the background LAST (channel 20); image labels are (N,20)
-multi-hot, and `label_with_bg` appends the always-present background.
+Layout: CAMs are (N,K+1,h,w) with the background LAST (channel K); image labels are (N,K)
+multi-hot, and `label_with_bg` appends the always-present background. K comes from the tensors
+(20 for VOC, 80 for COCO: hsc_fast.classes); pseudo-labels use K for the background.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from hsc_fast import BG_INDEX, NUM_CLASSES, NUM_FG
 from hsc_fast.ops import upcast, LossInputError
 from hsc_fast.precision import fp32_losses
 
@@ -16,16 +16,20 @@ CAM_EPS = 1e-5  # the official min-max normalisation epsilon
 
 
 def label_with_bg(label: torch.Tensor) -> torch.Tensor:
-    """(N,20) multi-hot -> (N,21,1,1) with a 1 appended for the background."""
-    if label.dim() != 2 or label.shape[1] != NUM_FG:
-        raise LossInputError(f"label: expected (N,{NUM_FG}) multi-hot, got {tuple(label.shape)}")
+    """(N,K) multi-hot -> (N,K+1,1,1) with a 1 appended for the background."""
+    if label.dim() != 2 or label.shape[1] < 1:
+        raise LossInputError(f"label: expected (N,K) multi-hot, got {tuple(label.shape)}")
     ones = torch.ones(label.shape[0], 1, dtype=label.dtype, device=label.device)
     return torch.cat([label, ones], dim=1)[:, :, None, None]
 
 
-def check_cam(name: str, cam: torch.Tensor) -> None:
-    if cam.dim() != 4 or cam.shape[1] != NUM_CLASSES:
-        raise LossInputError(f"{name}: expected (N,{NUM_CLASSES},h,w) with bg last, got {tuple(cam.shape)}")
+def check_cam(name: str, cam: torch.Tensor, label: torch.Tensor | None = None) -> None:
+    """(N,K+1,h,w) with K >= 1; with ``label`` (N,K) the class counts must agree."""
+    if cam.dim() != 4 or cam.shape[1] < 2:
+        raise LossInputError(f"{name}: expected (N,K+1,h,w) with bg last, got {tuple(cam.shape)}")
+    if label is not None and (label.dim() != 2 or label.shape[1] != cam.shape[1] - 1):
+        raise LossInputError(f"{name}: {cam.shape[1]} channels need (N,{cam.shape[1] - 1}) image labels, "
+                             f"got {tuple(label.shape)}")
 
 
 def normalize_cam(cam: torch.Tensor, bg_threshold: float = 0.10) -> torch.Tensor:
@@ -33,7 +37,7 @@ def normalize_cam(cam: torch.Tensor, bg_threshold: float = 0.10) -> torch.Tensor
 
     ReLU; per image and channel, values below min+1e-5 are set to 0 and then
     (x - min - 1e-5) / (max - min + 1e-5) -- so those set to 0 end slightly negative (a constant
-    channel becomes -1) exactly as in the authors' code; channel 20 = bg_threshold.
+    channel becomes -1) exactly as in the authors' code; the last (background) channel = bg_threshold.
     """
     check_cam("cam", cam)
     x = F.relu(upcast(cam.detach()))
@@ -42,17 +46,18 @@ def normalize_cam(cam: torch.Tensor, bg_threshold: float = 0.10) -> torch.Tensor
     lo = flat.min(dim=-1).values[..., None, None]
     x = torch.where(x < lo + CAM_EPS, torch.zeros_like(x), x)
     out = (x - lo - CAM_EPS) / (hi - lo + CAM_EPS)
-    out[:, BG_INDEX] = bg_threshold
+    out[:, -1] = bg_threshold
     return out
 
 
 def label_scores(cam_norm: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """softmax over the 21 channels of cam_norm * [label, 1] (absent classes get logit 0)."""
+    """softmax over the K+1 channels of cam_norm * [label, 1] (absent classes get logit 0)."""
+    check_cam("cam_norm", cam_norm, label)
     return F.softmax(cam_norm * label_with_bg(label).to(cam_norm.dtype), dim=1)
 
 
 def pseudo_labels(cam_norm: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """(N,h,w) int64 in 0..20: argmax of the label-masked softmax (first maximum on ties)."""
+    """(N,h,w) int64 in 0..K (K = background): argmax of the label-masked softmax (first maximum on ties)."""
     return label_scores(cam_norm, label).argmax(dim=1)
 
 
@@ -80,10 +85,10 @@ def resize_to_contrast(x: torch.Tensor, contrast_size: int, view1: torch.Tensor 
 
 @fp32_losses
 def classification_loss(cam: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Multilabel soft-margin on the global average pool of the 20 foreground channels."""
-    check_cam("cam", cam)
+    """Multilabel soft-margin on the global average pool of the K foreground channels."""
+    check_cam("cam", cam, label)
     pred = upcast(cam).mean(dim=(2, 3))
-    return F.multilabel_soft_margin_loss(pred[:, :NUM_FG], upcast(label))
+    return F.multilabel_soft_margin_loss(pred[:, :-1], upcast(label))
 
 
 def crf_images(img: torch.Tensor, size: tuple[int, int], mean, std) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from hsc_fast import BG_INDEX, NUM_FG
+from hsc_fast.classes import VOC
 from hsc_fast import ops
 from hsc_fast.ops import upcast, LossInputError, l2_normalize
 from hsc_fast.precision import fp32_losses
@@ -88,29 +88,31 @@ def sim_min(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return -torch.log(1.0 - sim.clamp(*SIM_CLAMP)).mean()
 
 
-def rsc_pooled(f: torch.Tensor, y: torch.Tensor, normalize_axis: str, impl: str) -> torch.Tensor:
-    """(N,2,D) per-image [bg, fg] region vectors of one view."""
+def rsc_pooled(f: torch.Tensor, y: torch.Tensor, normalize_axis: str, impl: str, bg_index: int) -> torch.Tensor:
+    """(N,2,D) per-image [bg, fg] region vectors of one view (bg: pseudo-label ``bg_index``)."""
     if normalize_axis == "width":      # the official F.normalize(f_map, dim=-1)
         f = l2_normalize(upcast(f), dim=-1)
     elif normalize_axis == "channel":
         f = l2_normalize(upcast(f), dim=1)
     else:
         raise LossInputError(f"loss.rsc_normalize: expected 'width' or 'channel', got {normalize_axis!r}")
-    bg = (y == BG_INDEX).flatten(1)
+    bg = (y == bg_index).flatten(1)
     masks = torch.stack([bg, ~bg], dim=1).to(f.dtype)            # (N,2,P)
     return ops.roi_pool(f.flatten(2), masks, count_eps=ROI_EPS, norm_eps=ROI_EPS, impl=impl)
 
 
 @fp32_losses
-def rsc_loss(f1, f2, y1, y2, bank1, bank2, cfg, impl="auto", dist_ctx: Optional[DistContext] = None):
-    """ROI-level semantic contrast. Banks (2,D) rows [bg, fg] per view."""
+def rsc_loss(f1, f2, y1, y2, bank1, bank2, cfg, impl="auto", dist_ctx: Optional[DistContext] = None,
+             bg_index: int = VOC.bg_index):
+    """ROI-level semantic contrast. Banks (2,D) rows [bg, fg] per view; ``bg_index`` = the
+    background pseudo-label (K: the CAM's last channel; the methods pass it, 20 for VOC)."""
     _check_pair("rsc_loss f1/f2", f1, f2)
     _check_labels("rsc_loss y1", y1, f1)
     _check_labels("rsc_loss y2", y2, f2)
     for name, bank in (("rsc_loss bank1", bank1), ("rsc_loss bank2", bank2)):
         _check_bank(name, bank, 2, f1.shape[1])
-    pooled1 = rsc_pooled(f1, y1, cfg.rsc_normalize, impl)
-    pooled2 = rsc_pooled(f2, y2, cfg.rsc_normalize, impl)
+    pooled1 = rsc_pooled(f1, y1, cfg.rsc_normalize, impl, bg_index)
+    pooled2 = rsc_pooled(f2, y2, cfg.rsc_normalize, impl, bg_index)
     if is_distributed(dist_ctx):
         pooled1, pooled2 = dist_ctx.splice(pooled1), dist_ctx.splice(pooled2)
     bg1, fg1, bg2, fg2 = pooled1[:, 0], pooled1[:, 1], pooled2[:, 0], pooled2[:, 1]
@@ -175,17 +177,17 @@ def csc_loss(f1, s1, f2, s2, labels, bank1, bank2, cfg, impl="auto",
     for name, bank in (("csc_loss bank1", bank1), ("csc_loss bank2", bank2)):
         _check_bank(name, bank, s1.shape[1], f1.shape[1])
     present = present_classes(labels, dist_ctx)
-    scores1 = flatten_channels(label_scores(s1, labels)[:, :NUM_FG])
-    scores2 = flatten_channels(label_scores(s2, labels)[:, :NUM_FG])
+    scores1 = flatten_channels(label_scores(s1, labels)[:, :-1])   # the K foreground channels
+    scores2 = flatten_channels(label_scores(s2, labels)[:, :-1])
     reps1, upd1 = csc_view_vectors(scores1, flatten_pixels(upcast(f1)), cfg, dist_ctx, impl)
     reps2, upd2 = csc_view_vectors(scores2, flatten_pixels(upcast(f2)), cfg, dist_ctx, impl)
 
     old1, old2 = upcast(bank1.detach()), upcast(bank2.detach())
     m = cfg.csc_momentum
     full1 = old1.clone()
-    full1[:NUM_FG] = ema(upd1, old1[:NUM_FG], m)
+    full1[:-1] = ema(upd1, old1[:-1], m)
     full2 = old2.clone()
-    full2[:NUM_FG] = ema(upd2, old2[:NUM_FG], m)
+    full2[:-1] = ema(upd2, old2[:-1], m)
     new1, new2 = old1.clone(), old2.clone()
     new1[present], new2[present] = full1[present], full2[present]
     if present.numel() == 0:  # no foreground in the batch: nothing to contrast (official: 0/0)

@@ -65,7 +65,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from hsc_fast import BG_INDEX, NUM_FG
+from hsc_fast.classes import VOC
 from hsc_fast import ops
 from hsc_fast.errors import ConfigError
 from hsc_fast.ops import LossInputError, l2_normalize, upcast
@@ -82,13 +82,13 @@ COSINE_NORM_EPS = 1e-12   # F.normalize's default: the guard of the cosine's vec
 # ------------------------------------------------------------------------------------------
 # RSC (eq. 3-5)
 # ------------------------------------------------------------------------------------------
-def rsc_regions(f: torch.Tensor, y: torch.Tensor, impl: str) -> torch.Tensor:
+def rsc_regions(f: torch.Tensor, y: torch.Tensor, impl: str, bg_index: int) -> torch.Tensor:
     """(N,2,D): per image [r_b, r_o] of eq. 3 as unit vectors (only their cosines are used).
 
     ops.roi_pool gives (sum m u / (sum m + 1e-5)) / ||.||: the count epsilon cancels in the
     normalisation, so this is exactly the direction of the plain masked mean of eq. 3 (fused
-    kernel on GPU). Masks: bg = pseudo-label 20, ROI = every other label."""
-    bg = (y == BG_INDEX).flatten(1)
+    kernel on GPU). Masks: bg = pseudo-label ``bg_index`` (K), ROI = every other label."""
+    bg = (y == bg_index).flatten(1)
     feats = upcast(f)
     masks = torch.stack([bg, ~bg], dim=1).to(feats.dtype)
     return ops.roi_pool(feats.flatten(2), masks, count_eps=ROI_EPS, norm_eps=COSINE_NORM_EPS, impl=impl)
@@ -102,7 +102,8 @@ def rsc_pair_term(r_o: torch.Tensor, r_b: torch.Tensor) -> torch.Tensor:
 
 
 @fp32_losses
-def rsc_loss_paper(f1, f2, y1, y2, bank1, bank2, cfg, impl="auto", dist_ctx: Optional[DistContext] = None):
+def rsc_loss_paper(f1, f2, y1, y2, bank1, bank2, cfg, impl="auto", dist_ctx: Optional[DistContext] = None,
+                   bg_index: int = VOC.bg_index):
     """ROI-level semantic contrast, eq. 3-5 averaged over the two views (module docstring).
     f = u1 maps (N,D,h,w); y = pseudo-labels (N,h,w). The paper has no ROI bank: bank1/bank2
     ((2,D), kept for the code's signature) come back unchanged."""
@@ -111,7 +112,7 @@ def rsc_loss_paper(f1, f2, y1, y2, bank1, bank2, cfg, impl="auto", dist_ctx: Opt
     _check_labels("rsc_loss_paper y2", y2, f2)
     for name, bank in (("rsc_loss_paper bank1", bank1), ("rsc_loss_paper bank2", bank2)):
         _check_bank(name, bank, 2, f1.shape[1])
-    regions1, regions2 = rsc_regions(f1, y1, impl), rsc_regions(f2, y2, impl)
+    regions1, regions2 = rsc_regions(f1, y1, impl, bg_index), rsc_regions(f2, y2, impl, bg_index)
     if is_distributed(dist_ctx):  # eq. 4 pairs every ROI with every background of the global batch
         regions1, regions2 = dist_ctx.splice(regions1), dist_ctx.splice(regions2)
     b1, o1, b2, o2 = regions1[:, 0], regions1[:, 1], regions2[:, 0], regions2[:, 1]
@@ -177,7 +178,7 @@ def csc_loss_paper(f1, s1, f2, s2, labels, bank1, bank2, cfg, impl="auto",
         _check_bank(name, bank, s1.shape[1], f1.shape[1])
 
     def view_vectors(f, s):
-        scores = label_scores(s, labels)[:, :NUM_FG].flatten(2)            # (N,20,P)
+        scores = label_scores(s, labels)[:, :-1].flatten(2)                # (N,K,P)
         feats = upcast(f).flatten(2).transpose(1, 2).contiguous()         # (N,P,D)
         return csc_class_vectors(scores, feats, labels, cfg.csc_topk, dist_ctx, impl)
 

@@ -2,7 +2,7 @@
 
 `PrototypeBanks` holds the six banks of the official recipe as buffers (so they are saved in
 the state_dict and move with `.to(device)`): rsc1/rsc2 (2,256) rows [bg, fg] per view,
-csc1/csc2 (21,256) and psc1/psc2 (21,128), random-normal init from a seeded generator (the
+csc1/csc2 (K+1,256) and psc1/psc2 (K+1,128) (K+1 = 21 for VOC, 81 for COCO), random-normal init from a seeded generator (the
 official banks are `torch.randn`, never normalised).
 
 Data parallelism -- R ranks with b images each must give the SAME banks and loss values as one
@@ -38,20 +38,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hsc_fast import NUM_CLASSES
+from hsc_fast.classes import VOC
 from hsc_fast.ops import stable_topk, upcast, LossInputError
 
-BANK_SHAPES = {
-    "rsc1": (2, 256), "rsc2": (2, 256),
-    "csc1": (NUM_CLASSES, 256), "csc2": (NUM_CLASSES, 256),
-    "psc1": (NUM_CLASSES, 128), "psc2": (NUM_CLASSES, 128),
-}
+BANK_NAMES = ("rsc1", "rsc2", "csc1", "csc2", "psc1", "psc2")
 
 
 class PrototypeBanks(nn.Module):
     """The six momentum banks as buffers; `as_dict()` for the losses, `update_()` after them."""
 
-    def __init__(self, seed: int = 0, rsc_dim: int = 256, psc_dim: int = 128, num_classes: int = NUM_CLASSES):
+    def __init__(self, seed: int = 0, rsc_dim: int = 256, psc_dim: int = 128, num_classes: int = VOC.num_classes):
         super().__init__()
         gen = torch.Generator().manual_seed(int(seed))
         shapes = {"rsc1": (2, rsc_dim), "rsc2": (2, rsc_dim),
@@ -61,15 +57,15 @@ class PrototypeBanks(nn.Module):
             self.register_buffer(name, torch.randn(*shape, generator=gen))
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in BANK_SHAPES}
+        return {name: getattr(self, name) for name in BANK_NAMES}
 
     @torch.no_grad()
     def update_(self, new: dict[str, torch.Tensor]) -> None:
         """Copy the new banks returned by the losses into the buffers (names as in as_dict)."""
         for name, value in new.items():
-            if name not in BANK_SHAPES:
+            if name not in BANK_NAMES:
                 raise LossInputError(f"PrototypeBanks.update_: unknown bank '{name}' "
-                                     f"(expected one of {', '.join(BANK_SHAPES)})")
+                                     f"(expected one of {', '.join(BANK_NAMES)})")
             buf = getattr(self, name)
             if value.shape != buf.shape:
                 raise LossInputError(f"PrototypeBanks.update_: bank '{name}' must stay {tuple(buf.shape)}, "

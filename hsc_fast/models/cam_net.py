@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from hsc_fast.config import ModelConfig
+from hsc_fast.config import ModelConfig, cam_channels
 from hsc_fast.errors import ConfigError, WeightsError
 from hsc_fast.models.backbones import build_backbone
 from hsc_fast.models.mxnet_params import read_mxnet_params
@@ -343,9 +343,10 @@ def build_cam_model(model_cfg: ModelConfig, load_weights: bool = True) -> CamNet
     With load_weights and no weights file, `model.allow_random_init` must be set (guards against
     training from random init by mistake); pass load_weights=False to load a checkpoint yourself.
     """
-    if model_cfg.num_classes < 2:
+    num_classes = cam_channels(model_cfg)
+    if num_classes < 2:
         raise ConfigError(f"config key 'model.num_classes': need >= 2 (fg + bg), got {model_cfg.num_classes}")
-    model = CamNet(build_backbone(model_cfg.backbone, model_cfg.width_div), num_classes=model_cfg.num_classes,
+    model = CamNet(build_backbone(model_cfg.backbone, model_cfg.width_div), num_classes=num_classes,
                    pcm=model_cfg.pcm, projectors=model_cfg.projectors, rsc_proj=model_cfg.rsc_proj,
                    rsc_dim=model_cfg.rsc_dim, psc_dim=model_cfg.psc_dim, frozen_bn=model_cfg.frozen_bn,
                    freeze_stem=model_cfg.freeze_stem, proj_lr_quirk=model_cfg.proj_lr_quirk)

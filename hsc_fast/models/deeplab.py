@@ -154,9 +154,10 @@ def load_imagenet_backbone(model: DeepLab, path: str) -> dict:
     return {"loaded": len(target), "ignored": [k for k in state if k.startswith("fc.")]}
 
 
-def build_deeplab(cfg) -> DeepLab:
-    """From `hsc_fast.config.DeeplabConfig`: weights are required unless random init is allowed."""
-    model = DeepLab(cfg.backbone, cfg.head, frozen_bn=cfg.frozen_bn)
+def build_deeplab(cfg, num_classes: int = 21) -> DeepLab:
+    """From `hsc_fast.config.DeeplabConfig` and the class count K+1 (21 VOC, 81 COCO): weights are
+    required unless random init is allowed."""
+    model = DeepLab(cfg.backbone, cfg.head, num_classes=num_classes, frozen_bn=cfg.frozen_bn)
     if cfg.weights:
         load_imagenet_backbone(model, cfg.weights)
     elif not cfg.allow_random_init:

@@ -19,12 +19,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from hsc_fast import NUM_FG
+from hsc_fast.classes import VOC
+
 from hsc_fast.data import samples as S
 from hsc_fast.errors import DataError
 from hsc_fast.data.shard import verify_shards, write_tar
 from hsc_fast.data.voc import (check_id, encode_label_png, load_cls_labels, parse_voc_xml, read_id_list,
                           read_label_png, read_sbd_mat, safe_join, save_cls_labels_npy, write_sbd_mat)
+
+NUM_FG = VOC.num_fg
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 pytestmark = pytest.mark.timeout(120)

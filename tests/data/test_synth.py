@@ -4,11 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hsc_fast import NUM_FG
+from hsc_fast.classes import VOC
+
 from hsc_fast.data import synth
 from hsc_fast.cli import synth as CLI_synth
 from hsc_fast.data import voc
 from hsc_fast.errors import ConfigError
+
+NUM_FG = VOC.num_fg
 
 
 @pytest.fixture(scope="module")

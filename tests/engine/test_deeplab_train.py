@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hsc_fast import IGNORE_INDEX
+from hsc_fast.classes import IGNORE_INDEX
 from hsc_fast import distributed as D
 from hsc_fast.config import RunConfig, load_config
 from hsc_fast.errors import DataError, WeightsError

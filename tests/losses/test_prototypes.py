@@ -10,18 +10,28 @@ import torch.multiprocessing as mp
 from hsc_fast.config import LossConfig
 from hsc_fast.losses import csc_loss, normalize_cam, psc_loss, pseudo_labels, rsc_loss
 from hsc_fast.ops import LossInputError
-from hsc_fast.losses.prototypes import BANK_SHAPES, DistContext, PrototypeBanks
+from hsc_fast.losses.prototypes import BANK_NAMES, DistContext, PrototypeBanks
+
+
+VOC_BANK_SHAPES = {"rsc1": (2, 256), "rsc2": (2, 256), "csc1": (21, 256), "csc2": (21, 256),
+                   "psc1": (21, 128), "psc2": (21, 128)}
 
 
 def test_banks_are_seeded_buffers_saved_in_state_dict():
     a, b, c = PrototypeBanks(seed=4), PrototypeBanks(seed=4), PrototypeBanks(seed=5)
-    assert set(a.state_dict()) == set(BANK_SHAPES)
-    for name, shape in BANK_SHAPES.items():
+    assert set(a.state_dict()) == set(BANK_NAMES)
+    for name, shape in VOC_BANK_SHAPES.items():
         assert tuple(getattr(a, name).shape) == shape
         assert torch.equal(getattr(a, name), getattr(b, name))
         assert not torch.equal(getattr(a, name), getattr(c, name))
     c.load_state_dict(a.state_dict())
     assert torch.equal(c.csc1, a.csc1)
+
+
+def test_banks_follow_the_class_count():
+    coco = PrototypeBanks(seed=4, num_classes=81)
+    assert tuple(coco.csc1.shape) == (81, 256) and tuple(coco.psc2.shape) == (81, 128)
+    assert tuple(coco.rsc1.shape) == (2, 256)
 
 
 def test_update_copies_and_validates():

@@ -137,3 +137,47 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("already complete") == len(P.STAGES)
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_with_80_classes(tmp_path):
+    """Issue 18: a synthetic set with 80 foreground classes (COCO's label space) goes shard -> train
+    -> seeds -> CRF -> PSA -> DeepLab -> evaluation; every stage works at 81 labels."""
+    import numpy as np
+    import torch
+    from hsc_fast.classes import synthetic
+    from hsc_fast.data.voc import read_label_png
+    k80 = synthetic(80)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "pipeline.py"), "--demo", "--run-dir", str(run), "--no-progress",
+           "--synth-classes", "80", "--synth-train", "24", "--synth-val", "6", "--synth-size", "64", "--workers", "0",
+           "--stages", "synth,shard,train_cam,cam,sweep,crf,refine,deeplab,deeplab_eval,report",
+           "--set", "pretrain.enabled=false", "--set", "model.allow_random_init=true",
+           "--set", "model.weights=", "--set", "deeplab.weights=", "--set", "deeplab.allow_random_init=true",
+           "--set", "refine.max_steps=2", "--set", "refine.crop_size=64", "--set", "refine.batch_size=2",
+           "--set", "train.max_steps=3", "--set", "train.save_every=3", "--set", "deeplab.max_steps=2",
+           "--set", "deeplab.crop_size=64", "--set", "data.resize_long=[64,80]", "--set", "data.crop_size=64",
+           "--set", "data.view2_size=32", "--set", "loss.contrast_size=4", "--set", "loss.csc_topk=8",
+           "--set", "loss.csc_update_topk=4", "--set", "loss.psc_topk=2", "--set", "seeds.scales=[1.0]",
+           "--set", "deeplab.test_scales=[1.0]"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((run / "classes.json").read_text())["name"] == "synthetic:80"
+    index = json.loads((run / "shards" / "index.json").read_text())
+    assert len(index["classes"]["names"]) == 80
+    resolved = (run / "config.yaml").read_text()
+    assert "classes: synthetic:80" in resolved and "num_classes: 81" in resolved
+    state = torch.load(run / "cam" / "final" / "model.pt", weights_only=True)
+    assert tuple(state["cam_head.weight"].shape[:1]) == (81,)
+    labels = [read_label_png(p, k80)
+              for p in sorted((run / "seeds" / "pseudo_labels").glob("*.png"))]
+    assert len(labels) == 24
+    gt_classes = {int(v) for p in (run / "synth" / "VOC2012" / "SegmentationClass").glob("*.png")
+                  for v in np.unique(read_label_png(p, k80))}
+    assert max(gt_classes - {255}) > 20, "the synthetic set must use classes beyond VOC's 20"
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("seed_miou", "crf_miou", "mask_miou", "deeplab_miou"):
+        assert 0.0 <= summary[key] <= 100.0, key
+    evaluation = json.loads((run / "deeplab" / "eval.json").read_text())
+    assert len(evaluation["iou"]) == 81

@@ -15,7 +15,8 @@ def hsc_terms(s: MethodStep) -> tuple[dict, dict]:
     terms, new = {}, {}
     if cfg.use_rsc:
         terms["rsc"], new["rsc1"], new["rsc2"] = rsc_loss(
-            c["feat_rsc1"], c["feat_rsc2"], c["y1"], c["y2"], old["rsc1"], old["rsc2"], cfg, **kw)
+            c["feat_rsc1"], c["feat_rsc2"], c["y1"], c["y2"], old["rsc1"], old["rsc2"], cfg,
+            bg_index=c["cam1"].shape[1] - 1, **kw)
     if cfg.use_csc:
         terms["csc"], new["csc1"], new["csc2"] = csc_loss(
             c["feat_rsc1"], c["cam1"], c["feat_rsc2"], c["cam2"], s.batch["label"],
