@@ -2,12 +2,15 @@
 PyTorch and torch.compile of the references in hsc_fast/ops/__init__.py.
 
     python benchmarks/bench_psc.py [--quick] [--json PATH] [--no-compile] [--cases official,fullres]
+                                   [--classes 21,81]
 
 Cases (N images, h x w feature map): official (12, 16x16: what the official recipe contrasts),
 fullres (8, 56x56: contrast at feature resolution), large (16, 112x112).
-  psc_terms : 2 views of N*h*w pixel embeddings, D=128, 21 prototypes x 3 sets
-  roi_pool  : feats (N, 256, h*w), bg/fg masks (N, 2, h*w)           (RSC)
-  topk_proto: scores (20, N*h*w), feats (N*h*w, 256), k=128           (CSC class vectors)
+  psc_terms : 2 views of N*h*w pixel embeddings, D=128, C prototypes x 3 sets
+  roi_pool  : feats (N, 256, h*w), bg/fg masks (N, 2, h*w)           (RSC; no class count)
+  topk_proto: scores (C-1, N*h*w), feats (N*h*w, 256), k=128         (CSC class vectors)
+Class counts C (--classes): 21 (PASCAL VOC: 63 PSC logit columns, the one-block kernels) and
+81 (MS COCO: 243 columns, the chunked kernels; 80 CSC rows).
 Passes: fwd (no autograd graph) and fwd+bwd (gradient to the features); dtypes float32 and
 bfloat16 feature inputs (the ops compute in float32 and return float32).
 
@@ -24,6 +27,7 @@ prints the table plus triton-vs-eager / triton-vs-compile speed-ups side by side
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -49,8 +53,9 @@ from hsc_fast import ops  # noqa: E402
 CASES = {"official": (12, 16, 16), "fullres": (8, 56, 56), "large": (16, 112, 112)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PASSES = ("fwd", "fwd+bwd")
-NUM_CLASSES, PSC_DIM, RSC_DIM, TOPK = 21, 128, 256, 128
-TABLE_COLUMNS = ("op", "case", "pass", "dtype", "impl", "ms", "p20", "p80", "peak_mem_bytes",
+PSC_DIM, RSC_DIM, TOPK = 128, 256, 128
+CLASS_COUNTS = (21, 81)  # VOC, MS COCO (foreground + background)
+TABLE_COLUMNS = ("op", "case", "classes", "pass", "dtype", "impl", "ms", "p20", "p80", "peak_mem_bytes",
                  "roofline_frac", "max_rel_err", "note")
 
 
@@ -58,12 +63,13 @@ TABLE_COLUMNS = ("op", "case", "pass", "dtype", "impl", "ms", "p20", "p80", "pea
 # problems: inputs, the call per implementation, and the ideal bytes moved
 # ------------------------------------------------------------------------------------------
 class Problem:
-    """One op at one shape and dtype. `call(impl, feats)` runs the op on the given feature
+    """One op at one shape, class count and dtype. `call(impl, feats)` runs the op on the given feature
     tensors (the ones that get gradients); `grad_weight` is the upstream gradient."""
 
     op: str
     feats: tuple
     grad_weight: torch.Tensor
+    per_class = True  # its shapes depend on the class count C
 
     def call(self, impl, *feats):
         raise NotImplementedError
@@ -79,15 +85,15 @@ def _gen(device, seed=0):
 class PscProblem(Problem):
     op = "psc_terms"
 
-    def __init__(self, n, h, w, dtype, device):
+    def __init__(self, n, h, w, dtype, device, classes=21):
         m, g = n * h * w, _gen(device)
-        self.shape = [2, m, PSC_DIM]
+        self.shape, self.classes = [2, m, PSC_DIM], classes
         self.feats = tuple(torch.randn(m, PSC_DIM, generator=g, device=device).relu().to(dtype)
                            for _ in range(2))
-        self.labels = [torch.randint(0, NUM_CLASSES, (m,), generator=g, device=device) for _ in range(2)]
-        protos = [F.normalize(torch.randn(NUM_CLASSES, PSC_DIM, generator=g, device=device), dim=1)
+        self.labels = [torch.randint(0, classes, (m,), generator=g, device=device) for _ in range(2)]
+        protos = [F.normalize(torch.randn(classes, PSC_DIM, generator=g, device=device), dim=1)
                   for _ in range(2)]
-        banks = [torch.randn(NUM_CLASSES, PSC_DIM, generator=g, device=device) for _ in range(2)]
+        banks = [torch.randn(classes, PSC_DIM, generator=g, device=device) for _ in range(2)]
         self.consts = (*self.labels, *protos, *banks)
         self.grad_weight = torch.full((4,), 0.1, device=device)  # PSC = 0.1 * sum of the terms
 
@@ -106,10 +112,11 @@ class PscProblem(Problem):
 
 class RoiProblem(Problem):
     op = "roi_pool"
+    per_class = False  # RSC pools [bg, fg] whatever the class count
 
-    def __init__(self, n, h, w, dtype, device):
+    def __init__(self, n, h, w, dtype, device, classes=None):
         g = _gen(device, 1)
-        self.shape = [n, RSC_DIM, h * w]
+        self.shape, self.classes = [n, RSC_DIM, h * w], None
         self.feats = (torch.randn(n, RSC_DIM, h * w, generator=g, device=device).to(dtype),)
         fg = (torch.rand(n, 1, h * w, generator=g, device=device) > 0.7).float()
         self.masks = torch.cat([1 - fg, fg], dim=1)  # [bg, fg] as RSC builds them
@@ -130,12 +137,13 @@ class RoiProblem(Problem):
 class TopkProblem(Problem):
     op = "topk_proto"
 
-    def __init__(self, n, h, w, dtype, device):
+    def __init__(self, n, h, w, dtype, device, classes=21):
         m, g = n * h * w, _gen(device, 2)
-        self.shape = [NUM_CLASSES - 1, m, RSC_DIM]
-        self.scores = torch.rand(NUM_CLASSES - 1, m, generator=g, device=device)
+        rows = classes - 1  # CSC: one class vector per foreground class
+        self.shape, self.classes = [rows, m, RSC_DIM], classes
+        self.scores = torch.rand(rows, m, generator=g, device=device)
         self.feats = (torch.randn(m, RSC_DIM, generator=g, device=device).to(dtype),)
-        self.grad_weight = torch.randn(NUM_CLASSES - 1, RSC_DIM, generator=g, device=device)
+        self.grad_weight = torch.randn(rows, RSC_DIM, generator=g, device=device)
         self.k = min(TOPK, m)
 
     def call(self, impl, feats):
@@ -191,8 +199,8 @@ def compiled(problem: Problem):
 def measure(problem, impl_name, pass_name, dtype_name, case, args, peak_bw):
     impl = compiled(problem) if impl_name == "compile" else ("torch" if impl_name == "eager" else "triton")
     device = problem.feats[0].device
-    record = dict(op=problem.op, case=case, impl=impl_name, dtype=dtype_name, device=args.device_name,
-                  shape=problem.shape, bytes_model=problem.bytes_model(pass_name))
+    record = dict(op=problem.op, case=case, classes=problem.classes, impl=impl_name, dtype=dtype_name,
+                  device=args.device_name, shape=problem.shape, bytes_model=problem.bytes_model(pass_name))
     record["pass"] = pass_name
     run = make_runner(problem, impl, pass_name)
     try:
@@ -218,33 +226,36 @@ def measure(problem, impl_name, pass_name, dtype_name, case, args, peak_bw):
 def interpreter_checks(args):
     """CPU only: the Triton kernels (interpreter) against the references on tiny shapes."""
     records = []
-    for op, (n, h, w) in (("psc_terms", (1, 8, 8)), ("roi_pool", (2, 5, 7)), ("topk_proto", (1, 6, 10))):
-        for dtype_name, dtype in DTYPES.items():
-            problem = PROBLEMS[op](n, h, w, dtype, "cpu")
-            t0 = time.perf_counter()
-            got = make_runner(problem, "triton", "fwd+bwd")()
-            secs = time.perf_counter() - t0
-            ref = make_runner(problem, "torch", "fwd+bwd")()
-            err = max(max_rel_err(a, e) for a, e in zip(got, ref))
-            tol = 1e-5 if dtype == torch.float32 else 2e-2
-            records.append(dict(op=op, case="tiny", impl="triton-interpret", dtype=dtype_name,
-                                device=args.device_name, shape=problem.shape, ms=secs * 1e3,
-                                max_rel_err=err, ok=err <= tol,
-                                note="interpreter: correctness only (grad of fwd+bwd)",
-                                **{"pass": "fwd+bwd"}))
-            print(f"interpreter {op:10s} {dtype_name}: max rel err of grads {err:.2e} "
-                  f"({'ok' if err <= tol else 'FAIL'}, tol {tol:g})")
+    tiny = (("psc_terms", (1, 8, 8)), ("roi_pool", (2, 5, 7)), ("topk_proto", (1, 6, 10)))
+    for (op, (n, h, w)), classes, (dtype_name, dtype) in itertools.product(tiny, args.classes, DTYPES.items()):
+        if not PROBLEMS[op].per_class and classes != args.classes[0]:
+            continue
+        problem = PROBLEMS[op](n, h, w, dtype, "cpu", classes=classes)
+        t0 = time.perf_counter()
+        got = make_runner(problem, "triton", "fwd+bwd")()
+        secs = time.perf_counter() - t0
+        ref = make_runner(problem, "torch", "fwd+bwd")()
+        err = max(max_rel_err(a, e) for a, e in zip(got, ref))
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        records.append(dict(op=op, case="tiny", classes=problem.classes, impl="triton-interpret", dtype=dtype_name,
+                            device=args.device_name, shape=problem.shape, ms=secs * 1e3,
+                            max_rel_err=err, ok=err <= tol,
+                            note="interpreter: correctness only (grad of fwd+bwd)",
+                            **{"pass": "fwd+bwd"}))
+        print(f"interpreter {op:10s} C={problem.classes} {dtype_name}: max rel err of grads {err:.2e} "
+              f"({'ok' if err <= tol else 'FAIL'}, tol {tol:g})")
     return records
 
 
 def plan(args):
-    """(case, op, dtype, pass, impl) tuples to run here: first every eager (and, on CUDA, triton)
+    """(case, op, classes, dtype, pass, impl) tuples to run here: first every eager (and, on CUDA, triton)
     measurement, then the torch.compile baselines, which cost a compile each and are the ones
     a --budget-s cut drops."""
     cases = args.cases or (["official", "fullres", "large"] if ON_CUDA else ["official", "fullres"])
     if args.quick and not args.cases:
         cases = ["official", "fullres"] if ON_CUDA else ["official"]
-    grid = [(case, op, dtype_name, pass_name) for case in cases for op in PROBLEMS
+    grid = [(case, op, classes, dtype_name, pass_name) for case in cases for op in PROBLEMS
+            for classes in (args.classes if PROBLEMS[op].per_class else args.classes[:1])
             for dtype_name in DTYPES for pass_name in PASSES]
     for item in grid:
         yield (*item, "eager")
@@ -252,24 +263,24 @@ def plan(args):
             yield (*item, "triton")
     if args.no_compile:
         return
-    for case, op, dtype_name, pass_name in grid:
+    for case, op, classes, dtype_name, pass_name in grid:
         # CPU: inductor builds C++ (~80 s cold for the first graph): --quick compiles one
-        # graph, psc_terms fp32 fwd+bwd, the case the kernels exist for.
+        # graph per class count, psc_terms fp32 fwd+bwd, the case the kernels exist for.
         if ON_CUDA or not args.quick or (op, dtype_name, pass_name) == ("psc_terms", "fp32", "fwd+bwd"):
-            yield case, op, dtype_name, pass_name, "compile"
+            yield case, op, classes, dtype_name, pass_name, "compile"
 
 
 def ratio_rows(records):
-    """Side-by-side eager / compile / triton medians per (op, case, pass, dtype)."""
+    """Side-by-side eager / compile / triton medians per (op, case, classes, pass, dtype)."""
     table: dict = {}
     for r in records:
         if "ms" not in r or r["impl"] == "triton-interpret":
             continue
-        key = (r["op"], r["case"], r["pass"], r["dtype"])
+        key = (r["op"], r["case"], r.get("classes"), r["pass"], r["dtype"])
         table.setdefault(key, {})[r["impl"]] = r["ms"]
     rows = []
-    for (op, case, pass_name, dtype), ms in table.items():
-        row = {"op": op, "case": case, "pass": pass_name, "dtype": dtype,
+    for (op, case, classes, pass_name, dtype), ms in table.items():
+        row = {"op": op, "case": case, "classes": classes, "pass": pass_name, "dtype": dtype,
                "eager_ms": ms.get("eager"), "compile_ms": ms.get("compile"), "triton_ms": ms.get("triton")}
         if ms.get("triton"):
             row["speedup_vs_eager"] = ms["eager"] / ms["triton"] if ms.get("eager") else None
@@ -280,6 +291,17 @@ def ratio_rows(records):
     return rows
 
 
+def class_counts(text: str) -> list:
+    """'21,81' -> [21, 81]; each at least 2 (one foreground class and the background)."""
+    try:
+        counts = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 21,81, got {text!r}")
+    if not counts or min(counts) < 2:
+        raise argparse.ArgumentTypeError(f"each class count must be >= 2 (foreground + background), got {text!r}")
+    return counts
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -287,6 +309,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="output JSON (default benchmarks/results/psc-<device>-<date>.json; "
                                    ".csv and .md are written beside it)")
     ap.add_argument("--cases", type=lambda s: s.split(","), help=f"subset of {','.join(CASES)}")
+    ap.add_argument("--classes", type=class_counts, default=list(CLASS_COUNTS),
+                    help="class counts C (foreground + background), comma-separated; default 21,81 "
+                         "(PASCAL VOC, MS COCO). psc_terms and topk_proto run at each; roi_pool has none")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     ap.add_argument("--rep-ms", type=int, default=None, help="do_bench time per measurement (CUDA)")
     ap.add_argument("--out-dir", help="write psc-<device>-<date>.{json,csv,md} into this folder")
@@ -308,7 +333,8 @@ def main(argv=None) -> int:
     if args.json:
         base = Path(args.json).with_suffix("")
     paths = dict(json_path=f"{base}.json", csv_path=f"{base}.csv", md_path=f"{base}.md")
-    meta = collect_meta(benchmark="psc", quick=args.quick, cases={c: CASES[c] for c in CASES})
+    meta = collect_meta(benchmark="psc", quick=args.quick, cases={c: CASES[c] for c in CASES},
+                        classes=args.classes)
     peak_bw = peak_bandwidth() if ON_CUDA else None
     args.device_name = meta["device"]
     device = "cuda" if ON_CUDA else "cpu"
@@ -316,20 +342,20 @@ def main(argv=None) -> int:
     records = [] if ON_CUDA else interpreter_checks(args)
     write_results(records, meta=meta, **paths)
     problems: dict = {}
-    for case, op, dtype_name, pass_name, impl in plan(args):
+    for case, op, classes, dtype_name, pass_name, impl in plan(args):
         if impl == "compile" and args.budget_s and time.perf_counter() - t_start > args.budget_s:
             print(f"--budget-s {args.budget_s:g} spent: skipping the remaining compile baselines")
             meta["compile_cut_by_budget"] = True
             break
-        key = (case, op, dtype_name)
+        key = (case, op, classes, dtype_name)
         if key not in problems:
             problems.clear()  # one problem's inputs resident at a time (large fp32 ~ GBs)
             if ON_CUDA:
                 torch.cuda.empty_cache()
-            problems[key] = PROBLEMS[op](*CASES[case], DTYPES[dtype_name], device)
+            problems[key] = PROBLEMS[op](*CASES[case], DTYPES[dtype_name], device, classes=classes)
         rec = measure(problems[key], impl, pass_name, dtype_name, case, args, peak_bw)
         records.append(rec)
-        print(f"{op:10s} {case:8s} {pass_name:7s} {dtype_name} {impl:8s} "
+        print(f"{op:10s} {case:8s} C={problems[key].classes or '-'!s:3s} {pass_name:7s} {dtype_name} {impl:8s} "
               + (f"{rec['ms']:9.4f} ms" if "ms" in rec else f"ERROR {rec.get('error')}")
               + (f"  roofline {rec['roofline_frac']:.2%}" if rec.get("roofline_frac") else ""),
               flush=True)

@@ -16,7 +16,8 @@ nvidia-cuda-nvrtc wheel) to a cubin per target, its registers and local memory r
 the cuobjdump that ships with Triton.
 
 Cases: the official shapes (N=12 images at 16x16), full resolution (N=8 at 56x56) and the large
-case (N=16 at 112x112); D = 128 and 256; C = 21 (20 foreground rows for CSC); float32 and bf16.
+case (N=16 at 112x112); D = 128 and 256; C = 21 (VOC: 20 foreground rows for CSC) and, at D = 128
+C = 81 (MS COCO: 243 PSC logit columns in chunks, 80 foreground rows for CSC); float32 and bf16.
 
 Results are cached per specialisation in ~/.cache/hsc-fast/aot (HSC_AOT_CACHE overrides), keyed
 by Triton's own hash of the kernel source and specialisation plus the Triton version and target,
@@ -51,7 +52,8 @@ from ._common import AOT_TARGETS, INTERPRET, Target, recording
 
 SHAPES = {"official": (12, 16, 16), "fullres": (8, 56, 56), "large": (16, 112, 112)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-NUM_CLASSES = 21
+NUM_CLASSES = 21     # VOC: 20 foreground classes + background
+COCO_CLASSES = 81    # MS COCO 2014: 80 + background
 CACHE_ENV = "HSC_AOT_CACHE"
 
 
@@ -77,13 +79,15 @@ def _topk_proto_case(rows, pixels, dim, dtype, k, k_denom):
     topk_proto_backward(_meta(rows, dim), out, cand, scores, den, norm, pixels, k, True, 1e-12)
 
 
-def _psc_case(pixels, dim, dtype):
+def _psc_case(pixels, dim, dtype, classes=None):
+    """The training call: forward (keeping its log-sum-exps where the layout needs them), then
+    backward. `classes` = C, the rows of each prototype set (21: VOC, one block; 81: COCO, chunked)."""
     from .psc import psc_backward, psc_forward
     f1, f2 = _meta(pixels, dim, dtype=dtype), _meta(pixels, dim, dtype=dtype)
     y1, y2 = _meta(pixels, dtype=torch.int64), _meta(pixels, dtype=torch.int64)
-    protos = [_meta(NUM_CLASSES, dim) for _ in range(4)]
-    psc_forward(f1, f2, y1, y2, *protos, 0.1, 1e-12)
-    psc_backward(_meta(4), f1, f2, y1, y2, *protos, 0.1, 1e-12)
+    protos = [_meta(classes or NUM_CLASSES, dim) for _ in range(4)]
+    _, lse = psc_forward(f1, f2, y1, y2, *protos, 0.1, 1e-12, save_lse=True)
+    psc_backward(_meta(4), f1, f2, y1, y2, *protos, 0.1, 1e-12, lse=lse)
 
 
 def cases() -> list[tuple[str, Callable[[], None]]]:
@@ -103,6 +107,23 @@ def cases() -> list[tuple[str, Callable[[], None]]]:
                 tag = f"{shape_name} M={pixels} C={rows} D={dim} k={k}/{k_denom or k} {dname} ({what})"
                 out.append((f"topk_proto {tag}", lambda r=rows, p=pixels, d=dim, t=dtype, k=k, kd=k_denom:
                             _topk_proto_case(r, p, d, t, k, kd)))
+            out += _coco_cases(shape_name, n, h, w, dname, dtype)
+    return out
+
+
+def _coco_cases(shape_name, n, h, w, dname, dtype):
+    """MS COCO (C = COCO_CLASSES = 81): PSC with 243 logit columns (the chunked-column kernels)
+    at D = 128 (its embedding width) and 256, CSC over 80 foreground rows and PSC's top-k over 81."""
+    pixels, out = n * h * w, []
+    for dim in (128, 256):
+        tag = f"{shape_name} N={n} {h}x{w} D={dim} C={COCO_CLASSES} {dname}"
+        out.append((f"psc_terms {tag}", lambda p=pixels, d=dim, t=dtype: _psc_case(p, d, t, COCO_CLASSES)))
+    for rows, dim, k, k_denom, what in ((COCO_CLASSES - 1, 256, 128, None, "coco csc"),
+                                        (COCO_CLASSES - 1, 256, 16, 128, "coco csc update"),
+                                        (COCO_CLASSES, 128, 16, None, "coco psc")):
+        tag = f"{shape_name} M={pixels} C={rows} D={dim} k={k}/{k_denom or k} {dname} ({what})"
+        out.append((f"topk_proto {tag}", lambda r=rows, p=pixels, d=dim, t=dtype, k=k, kd=k_denom:
+                    _topk_proto_case(r, p, d, t, k, kd)))
     return out
 
 

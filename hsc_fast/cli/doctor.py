@@ -125,6 +125,17 @@ def _cupy_extra_check(info: dict) -> Check:
 KERNEL_CASES = (("roi_pool", "roi_pool.roi_pool_triton", "roi_pool_reference", (256,)),
                 ("topk_proto", "topk_proto.topk_proto_triton", "topk_proto_reference", (256, 128)),
                 ("psc_terms", "psc.psc_terms_triton", "psc_terms_reference", (128,)))
+# Ops whose kernel has variants by shape: (case, probe factory argument). psc_terms: VOC's 21
+# classes (63 logit columns, one block) and MS COCO's 81 (243 columns in chunks).
+KERNEL_VARIANTS = {"psc_terms": (("C=21", 21), ("C=81", 81))}
+
+
+def kernel_variants(op: str):
+    """[(case, probe)] for one op: its shape variants, or its one probe."""
+    from hsc_fast import ops
+    if op == "psc_terms":
+        return [(case, ops.psc_probe_for(c)) for case, c in KERNEL_VARIANTS[op]]
+    return [("", ops.PROBES[op])]
 
 
 def check_kernels() -> list[Check]:
@@ -141,9 +152,11 @@ def check_kernels() -> list[Check]:
         ref = getattr(ops, reference)
         for dtype in (torch.float32, torch.bfloat16):
             for dim in dims:
-                r = kernel_check.run_check(op, ops.PROBES[op], fn, ref, dtype, dim, dev)
-                checks.append(Check("kernels", f"{op} {r.dtype} D={dim}", PASS if r.ok else FAIL,
-                                    r.describe(), data=asdict(r), seconds=r.seconds))
+                for case, probe in kernel_variants(op):
+                    r = kernel_check.run_check(op, probe, fn, ref, dtype, dim, dev, case)
+                    name = f"{op} {r.dtype} D={dim}" + (f" {case}" if case else "")
+                    checks.append(Check("kernels", name, PASS if r.ok else FAIL,
+                                        r.describe(), data=asdict(r), seconds=r.seconds))
     return checks
 
 

@@ -8,7 +8,7 @@ Layout: hsc_fast/ops/<op>.py holds the torch reference, the shape checks and the
 kernels/<op>.py (roi_pool, topk_proto, psc); hsc_fast/ops/dispatch.py what they share.
               on CUDA it is self-checked first (`hsc_fast.ops.check`) and a failure raises;
   "auto"   -> Triton when the input is on CUDA and triton imports and the kernel passed its
-              self-check for this (dtype, feature dim, arch); else the reference (with one warning,
+              self-check for this (dtype, feature dim, arch, kernel variant); else the reference (with one warning,
               recorded for the run's env.json). HSC_AUTO_TRITON_CPU=1 lets "auto" pick the kernels
               for CPU tensors under the interpreter (tests of the fallback).
 
@@ -32,7 +32,8 @@ topk_proto(scores (C,M), feats (M,D), k) -> (C,D)
     normalisation, the zero vector: finite where the official code gives NaN.
     Gradient: to feats; scores are constants (the losses pass detached CAM scores).
 
-psc_terms(f1, f2 (M,D), y1, y2 (M,) int64 in 0..20, p1, p2, m1, m2 (21,D)) -> (4,)
+psc_terms(f1, f2 (M,D), y1, y2 (M,) int64 in 0..C-1, p1, p2, m1, m2 (C,D)) -> (4,)
+    (C = the class set's foreground + background: 21 for VOC, 81 for MS COCO)
     e = f / max(||f||, 1e-12) per pixel; nce(e, P, y) = mean_i [logsumexp_k(e_i.P_k/tau) - e_i.P_{y_i}/tau]
     [cross_proto, cross_label, intra, memory] =
       [(nce(e1,p2,y1) + nce(e2,p1,y2))/2, (nce(e1,p1,y2) + nce(e2,p2,y1))/2,
@@ -45,7 +46,7 @@ from __future__ import annotations
 from hsc_fast.ops.dispatch import (IMPLS, LossInputError, check_dims, dispatch, import_kernel, l2_normalize,  # noqa: F401
                                    triton_available, upcast, use_triton)
 from hsc_fast.ops.psc import PROBE as _PSC_PROBE
-from hsc_fast.ops.psc import EMBED_NORM_EPS, nce_rows, psc_terms, psc_terms_reference  # noqa: F401
+from hsc_fast.ops.psc import EMBED_NORM_EPS, nce_rows, probe_for as psc_probe_for, psc_terms, psc_terms_reference  # noqa: F401,E501
 from hsc_fast.ops.roi_pool import PROBE as _ROI_POOL_PROBE
 from hsc_fast.ops.roi_pool import roi_pool, roi_pool_reference  # noqa: F401
 from hsc_fast.ops.topk_proto import PROBE as _TOPK_PROTO_PROBE

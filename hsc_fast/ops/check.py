@@ -2,9 +2,12 @@
 
 A kernel that compiles and passes the test suite on one GPU / driver / Triton can still fail on
 another (a compiler assertion, a miscompile, a shared-memory limit). So the first time an op meets
-a new (dtype, feature dim, arch) key on CUDA, `usable()` runs the kernel and its torch reference
+a new (dtype, feature dim, arch, case) key on CUDA, `usable()` runs the kernel and its torch reference
 once on a small slice (`Probe`: the op's own awkward inputs, forward and backward) and compares
 them at the CUDA test tolerances (`TOLERANCES`, relative to the tensor's scale: `scaled_error`).
+`case` names a shape property that selects another kernel variant (psc_terms: "C=21" runs all 63
+logit columns in one block, "C=81" the chunked columns of MS COCO), so each variant a run uses is
+checked on its own, with a probe of that shape.
 
 * `loss.impl: auto`: a compile error, a runtime error or a mismatch warns once (naming the op,
   the error and the versions), the op uses its reference for that key from then on, and the
@@ -67,10 +70,15 @@ class CheckResult:
     error: str = ""
     seconds: float = 0.0
     versions: str = ""
+    case: str = ""          # e.g. "C=81": the kernel variant's shape (empty: one variant)
+
+    def key(self) -> tuple:
+        return (self.op, self.dtype, self.dim, self.arch, self.case)
 
     def describe(self) -> str:
         what = "ok" if self.ok else f"FAILED ({self.error})"
-        return (f"{self.op} [{self.dtype}, dim {self.dim}, {self.arch}]: {what}; fwd error {self.fwd_error:.2e}, "
+        case = f", {self.case}" if self.case else ""
+        return (f"{self.op} [{self.dtype}, dim {self.dim}{case}, {self.arch}]: {what}; fwd error {self.fwd_error:.2e}, "
                 f"grad error {self.grad_error:.2e} ({self.seconds:.2f} s; {self.versions})")
 
 
@@ -135,10 +143,11 @@ def compare(probe: Probe, kernel: Callable, reference: Callable, dtype: torch.dt
 
 
 def run_check(op: str, probe: Probe, kernel: Callable, reference: Callable, dtype: torch.dtype, dim: int,
-              device: torch.device) -> CheckResult:
-    """Compile, run and compare once; never raises (the verdict is in the result)."""
+              device: torch.device, case: str = "") -> CheckResult:
+    """Compile, run and compare once; never raises (the verdict is in the result). `probe`
+    must be the one for `case`."""
     result = CheckResult(op, str(dtype).replace("torch.", ""), int(dim), arch_of(device), ok=False,
-                         versions=versions())
+                         versions=versions(), case=case)
     start = time.perf_counter()
     try:
         result.fwd_error, result.grad_error = compare(probe, kernel, reference, dtype, dim, device)
@@ -192,14 +201,15 @@ def _first_lines(text: str, lines: int = 3, chars: int = 400) -> str:
 
 def record(result: CheckResult) -> None:
     """Keep a verdict; a failure is warned about once (Python warning + the hsc_fast log)."""
-    key = (result.op, result.dtype, result.dim, result.arch)
+    key = result.key()
     with _LOCK:
         known = key in _RESULTS
         _RESULTS[key] = result
     if not result.ok and not known:
         fallback = "the sort build" if result.op == "lattice_hash" else "the torch reference"
         kind = "CuPy kernel" if result.op == "lattice_hash" else "Triton kernel"
-        message = (f"hsc_fast: {kind} '{result.op}' failed its self-check for {result.dtype}, dim {result.dim} "
+        case = f", {result.case}" if result.case else ""
+        message = (f"hsc_fast: {kind} '{result.op}' failed its self-check for {result.dtype}, dim {result.dim}{case} "
                    f"on {result.arch}: {result.error} ({result.versions}); using {fallback} for it")
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         log.warning(message)
@@ -207,31 +217,32 @@ def record(result: CheckResult) -> None:
         log.info("kernel self-check: %s", result.describe())
 
 
-def lookup(op: str, tensor: torch.Tensor, dim: int) -> Optional[CheckResult]:
-    return _RESULTS.get((op, str(tensor.dtype).replace("torch.", ""), int(dim), arch_of(tensor.device)))
+def lookup(op: str, tensor: torch.Tensor, dim: int, case: str = "") -> Optional[CheckResult]:
+    return _RESULTS.get((op, str(tensor.dtype).replace("torch.", ""), int(dim), arch_of(tensor.device), case))
 
 
 def usable(op: str, impl: str, tensor: torch.Tensor, dim: int, probe: Probe, kernel: Callable,
-           reference: Callable) -> bool:
-    """May `kernel` serve this call? Checks once per (op, dtype, dim, arch); see module docstring."""
-    result = lookup(op, tensor, dim)
+           reference: Callable, case: str = "") -> bool:
+    """May `kernel` serve this call? Checks once per (op, dtype, dim, arch, case); see module docstring."""
+    result = lookup(op, tensor, dim, case)
     if result is None:
-        result = run_check(op, probe, kernel, reference, tensor.dtype, dim, tensor.device)
+        result = run_check(op, probe, kernel, reference, tensor.dtype, dim, tensor.device, case)
         record(result)
     if not result.ok and impl == "triton":
+        shape = f", {result.case}" if result.case else ""
         raise KernelCheckError(f"loss.impl=triton: kernel '{op}' failed its self-check for {result.dtype}, "
-                               f"dim {result.dim} on {result.arch}: {result.error} ({result.versions}); "
+                               f"dim {result.dim}{shape} on {result.arch}: {result.error} ({result.versions}); "
                                "use loss.impl=auto (falls back to the torch reference) or loss.impl=torch")
     return result.ok
 
 
-def fail(op: str, tensor: torch.Tensor, dim: int, error: BaseException, impl: str) -> None:
+def fail(op: str, tensor: torch.Tensor, dim: int, error: BaseException, impl: str, case: str = "") -> None:
     """A kernel that passed its check raised on a real call: record the fallback (auto) or re-raise."""
     if impl == "triton":
         raise error
     record(CheckResult(op, str(tensor.dtype).replace("torch.", ""), int(dim), arch_of(tensor.device), ok=False,
                        error=f"{type(error).__name__} on a training call: {_first_lines(str(error))}",
-                       versions=versions()))
+                       versions=versions(), case=case))
 
 
 def report() -> list[dict]:

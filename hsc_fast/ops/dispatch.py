@@ -1,8 +1,8 @@
 """What every op shares: the impl choice, the lazy kernel import with self-check and fallback, shape checks.
 
-``dispatch(op, "module.function", impl, tensor, dim, reference, probe)`` returns the function that
-serves one call: ``kernels.<module>.<function>`` when Triton is chosen (see hsc_fast.ops) and has
-passed its self-check (hsc_fast.ops.check) for this (dtype, dim, device), else ``reference``.
+``dispatch(op, "module.function", impl, tensor, dim, reference, probe, case)`` returns the function
+that serves one call: ``kernels.<module>.<function>`` when Triton is chosen (see hsc_fast.ops) and has
+passed its self-check (hsc_fast.ops.check) for this (dtype, dim, device, case), else ``reference``.
 """
 from __future__ import annotations
 
@@ -52,11 +52,12 @@ def import_kernel(kernel: str):
     return getattr(importlib.import_module(f"kernels.{module}"), function)
 
 
-def dispatch(op: str, kernel: str, impl: str, tensor: torch.Tensor, dim: int, reference, probe):
+def dispatch(op: str, kernel: str, impl: str, tensor: torch.Tensor, dim: int, reference, probe, case: str = ""):
     """The function serving this call: `kernels.<module>.<function>` (kernel = "module.function")
     when Triton is chosen and passes its self-check, else `reference`. Imported lazily: CPU-only
     users never import triton. Under "auto" a kernel that raises on a real call is recorded as
-    failed and the call is served by the reference."""
+    failed and the call is served by the reference. `case`: the kernel variant this call takes
+    (checked on its own, with `probe` of that shape; see hsc_fast.ops.check)."""
     from hsc_fast.ops import check as kernel_check
 
     if not use_triton(impl, tensor):
@@ -64,11 +65,11 @@ def dispatch(op: str, kernel: str, impl: str, tensor: torch.Tensor, dim: int, re
     try:
         fn = import_kernel(kernel)
     except Exception as e:  # noqa: BLE001 - a broken triton install must not stop "auto"
-        kernel_check.fail(op, tensor, dim, e, impl)
+        kernel_check.fail(op, tensor, dim, e, impl, case)
         return reference
     if not kernel_check.enabled(tensor):
         return fn
-    if not kernel_check.usable(op, impl, tensor, dim, probe, fn, reference):
+    if not kernel_check.usable(op, impl, tensor, dim, probe, fn, reference, case):
         return reference
     if impl == "triton":
         return fn
@@ -77,7 +78,7 @@ def dispatch(op: str, kernel: str, impl: str, tensor: torch.Tensor, dim: int, re
         try:
             return fn(*args)
         except Exception as e:  # noqa: BLE001 - recorded and warned about in kernel_check
-            kernel_check.fail(op, tensor, dim, e, impl)
+            kernel_check.fail(op, tensor, dim, e, impl, case)
             return reference(*args)
     return guarded
 

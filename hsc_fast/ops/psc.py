@@ -3,6 +3,8 @@
 Spec in hsc_fast.ops; kernel: kernels/psc.py."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from hsc_fast.ops.check import Probe
@@ -43,19 +45,30 @@ def psc_terms(f1, f2, y1, y2, p1, p2, m1, m2, *, tau=0.1, impl="auto"):
             raise LossInputError(f"psc_terms: {name} {tuple(t.shape)} must be (C, {f1.shape[1]}) like p1")
     if f1.shape[0] == 0:
         raise LossInputError("psc_terms: no pixels (M = 0): the per-pixel means are undefined")
-    fn = dispatch("psc_terms", "psc.psc_terms_triton", impl, f1, f1.shape[1], psc_terms_reference, PROBE)
+    # The class count C picks the kernel variant (3C logit columns in one block or in chunks):
+    # each C a run meets is self-checked on its own, with a probe of C classes.
+    classes = p1.shape[0]
+    fn = dispatch("psc_terms", "psc.psc_terms_triton", impl, f1, f1.shape[1], psc_terms_reference,
+                  probe_for(classes), case=f"C={classes}")
     return fn(f1, f2, y1.long(), y2.long(), p1, p2, m1, m2, float(tau), EMBED_NORM_EPS)
 
 
 # Self-check (hsc_fast.ops.check): a small, awkward input for this op
-def _psc_terms_probe(dtype, dim, device, g):
-    """97 pixels per view (odd), 21 classes, normalised prototypes, raw banks."""
+def _psc_terms_probe(dtype, dim, device, g, classes=21):
+    """97 pixels per view (odd), `classes` prototype rows per set (21: VOC), normalised
+    prototypes, raw banks."""
     f1 = torch.randn(97, dim, generator=g).relu().to(device=device, dtype=dtype)
     f2 = torch.randn(97, dim, generator=g).to(device=device, dtype=dtype)
-    y1, y2 = (torch.randint(0, 21, (97,), generator=g).to(device) for _ in range(2))
-    p1, p2 = (l2_normalize(torch.randn(21, dim, generator=g)).to(device) for _ in range(2))
-    m1, m2 = (torch.randn(21, dim, generator=g).to(device) for _ in range(2))
+    y1, y2 = (torch.randint(0, classes, (97,), generator=g).to(device) for _ in range(2))
+    p1, p2 = (l2_normalize(torch.randn(classes, dim, generator=g)).to(device) for _ in range(2))
+    m1, m2 = (torch.randn(classes, dim, generator=g).to(device) for _ in range(2))
     return [f1, f2], lambda fn, a, b: fn(a, b, y1, y2, p1, p2, m1, m2, 0.1, EMBED_NORM_EPS)
 
 
-PROBE = Probe(_psc_terms_probe)
+@functools.lru_cache(maxsize=None)
+def probe_for(classes: int) -> Probe:
+    """The self-check probe with `classes` prototype rows per set."""
+    return Probe(functools.partial(_psc_terms_probe, classes=int(classes)))
+
+
+PROBE = probe_for(21)

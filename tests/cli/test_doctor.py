@@ -28,8 +28,9 @@ def test_full_run_on_cpu(tmp_path):
     by = {(c["section"], c["name"]): c for c in checks}
     assert {c["section"] for c in checks} == set(doctor.SECTIONS)
     kernels = [c for c in checks if c["section"] == "kernels"]
-    expected = sum(2 * len(dims) for *_, dims in doctor.KERNEL_CASES)  # float32 + bf16 per width
-    assert len(kernels) == expected == 8 and all(c["status"] == "PASS" for c in kernels)
+    expected = sum(2 * len(dims) * len(doctor.kernel_variants(op)) for op, *_, dims in doctor.KERNEL_CASES)
+    assert len(kernels) == expected == 10 and all(c["status"] == "PASS" for c in kernels)  # fp32 + bf16 per width
+    assert {c["data"]["case"] for c in kernels if c["name"].startswith("psc_terms")} == {"C=21", "C=81"}
     assert all(c["data"]["fwd_error"] <= 2e-4 for c in kernels)
     assert by[("compile", "local GPU")]["status"] == "SKIP" and "no CUDA device" in by[("compile", "local GPU")]["detail"]
     assert by[("crf", "lattice sort build vs pydensecrf")]["data"]["agreement"] >= 0.99

@@ -20,7 +20,7 @@ from hsc_fast.errors import HscError
 from hsc_fast.ops.check import TOLERANCES
 from hsc_fast.ops import LossInputError
 from kernels import _common
-from kernels.psc import _meta as _psc_meta, _to_bf16_bits, psc_terms_triton
+from kernels.psc import CHUNK_ROWS, _meta as _psc_meta, _to_bf16_bits, column_layout, psc_terms_triton
 from kernels.topk_proto import MAX_KEEP, key_index, select_topk, topk_proto_triton
 
 pytestmark = pytest.mark.interpreter  # the CPU tests run kernels on CPU tensors
@@ -126,6 +126,57 @@ def test_psc_gradient_is_linear_in_grad_output():
     assert not torch.allclose(per_term[0], per_term[1])
 
 
+@pytest.mark.parametrize("c,m,d", [(81, 77, 128), (81, 1, 16), (23, 35, 40), (40, 300, 24)])
+def test_psc_many_classes_match_reference(c, m, d):
+    """More classes than one 64-column block holds (3C > 64): the chunked kernels. 81 = MS COCO
+    (chunks of 32 + 32 + 17 rows per set); 23 (one partial chunk per set) and 40 (odd chunk tail)."""
+    inputs = psc_inputs(m, d=d, c=c, seed=c)
+    grid, meta = psc_meta(inputs[0], inputs[4])
+    assert column_layout(c) == "chunked" and meta["BLOCK_J"] == CHUNK_ROWS < c + 16
+    check_psc(inputs, torch.float32)
+
+
+def test_psc_many_classes_bf16_and_labels_in_the_last_chunk():
+    """bf16 (the 16-bit branch, emulated) at C = 81, every label in the last, partial chunk
+    (rows 64..80): the online log-sum-exp and the picks across chunk borders."""
+    f1, f2, y1, y2, p1, p2, m1, m2 = psc_inputs(90, c=81, dtype=torch.bfloat16, seed=7)
+    y1, y2 = 64 + y1 % 17, 80 - y2 % 17
+    check_psc([f1, f2, y1, y2, p1, p2, m1, m2], torch.bfloat16)
+
+
+def test_psc_chunked_and_one_block_kernels_agree(monkeypatch):
+    """The same VOC-sized problem (C = 21) through both layouts: the one-block kernels (the
+    default) and, with the block limit lowered to 0, the chunked ones; terms and gradients agree
+    to float32 round-off, and each matches the reference."""
+    import kernels.psc as psc
+    inputs = psc_inputs(130, c=21, seed=11)
+    assert column_layout(21) == "one_block" and column_layout(22) == "chunked"
+    one_block = check_psc(inputs, torch.float32)[0]
+    f1, f2, y1, y2, *protos = inputs
+    g = torch.tensor([1.0, -0.5, 2.0, 0.25])
+    fn = lambda a, b: psc_terms_triton(a, b, y1, y2, *protos, 0.1)  # noqa: E731
+    _, grads_one = grads_of(fn, (f1, f2), g)
+    monkeypatch.setattr(psc, "ONE_BLOCK_COLUMNS", 0)
+    assert column_layout(21) == "chunked"
+    chunked = check_psc(inputs, torch.float32)[0]
+    _, grads_chunked = grads_of(fn, (f1, f2), g)
+    assert_rel(chunked, one_block, 1e-6)
+    for a, b in zip(grads_chunked, grads_one):
+        assert_rel(a, b, 1e-6)
+
+
+def test_psc_chunked_forward_without_gradient_keeps_no_lse():
+    """Under no_grad the chunked forward stores no log-sum-exps (no (2, 3, M) buffer)."""
+    from kernels.psc import psc_forward, prepare_inputs
+    inputs = prepare_inputs(*psc_inputs(50, c=81, seed=12))
+    terms, lse = psc_forward(*inputs, 0.1, 1e-12, save_lse=False)
+    assert lse is None
+    ref = ops.psc_terms_reference(*psc_inputs(50, c=81, seed=12))
+    assert_rel(terms, ref, FWD_TOL[torch.float32])
+    _, lse = psc_forward(*inputs, 0.1, 1e-12, save_lse=True)
+    assert lse.shape == (2, 3, 50) and torch.isfinite(lse).all()
+
+
 def test_psc_rejects_integer_embeddings():
     f1, f2, y1, y2, p1, p2, m1, m2 = psc_inputs(8, d=16, c=3)
     with pytest.raises(HscError, match="f1"):
@@ -162,6 +213,13 @@ def check_roi(feats, masks, dtype, tol=None, **eps):
 @pytest.mark.parametrize("n,d,hw,k", [(3, 256, 35, 2), (1, 40, 49, 3), (2, 16, 1, 2)])
 def test_roi_pool_matches_reference(n, d, hw, k):
     check_roi(*roi_inputs(n, d, hw, k), torch.float32)
+
+
+@pytest.mark.parametrize("k", [81, 5])
+def test_roi_pool_many_regions_match_reference(k):
+    """RSC pools two regions (bg / fg) whatever the class count, but the op takes any K: 81 regions
+    (one per MS COCO label, BLOCK_K 128) and an odd 5."""
+    check_roi(*roi_inputs(2, 24, 49, k, seed=k), torch.float32)
 
 
 def test_roi_pool_empty_mask_gives_zero():
@@ -203,6 +261,12 @@ def check_topk(scores, feats, k, k_denom=None, normalize=True, dtype=torch.float
 @pytest.mark.parametrize("k,k_denom,normalize", [(16, None, True), (4, 32, True), (32, 8, False)])
 def test_topk_proto_matches_reference(k, k_denom, normalize):
     check_topk(*topk_inputs(4, 245, 24), k, k_denom, normalize)
+
+
+@pytest.mark.parametrize("c,k,k_denom", [(80, 16, 40), (81, 8, None), (37, 4, 9)])
+def test_topk_proto_coco_rows_match_reference(c, k, k_denom):
+    """MS COCO's 80 foreground rows (CSC) and 81 (PSC), and an odd 37: one program per row."""
+    check_topk(*topk_inputs(c, 245, 24, seed=c), k, k_denom)
 
 
 def test_topk_proto_k_above_candidates_and_zero_row():
@@ -359,8 +423,9 @@ CUDA_TOL = dict(fwd_tol=CUDA_FWD_TOL, grad_tol=CUDA_GRAD_TOL)
 @pytest.mark.compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [12 * 16 * 16, 8 * 56 * 56 + 0])
-def test_cuda_psc_real_shapes(dtype, m):
-    inputs = psc_inputs(m, dtype=dtype, device="cuda")
+@pytest.mark.parametrize("c", [21, 81])  # VOC: one block; MS COCO: chunked columns
+def test_cuda_psc_real_shapes(dtype, m, c):
+    inputs = psc_inputs(m, c=c, dtype=dtype, device="cuda")
     f1, f2, y1, y2, p1, p2, m1, m2 = inputs
     g = torch.tensor([1.0, -0.5, 2.0, 0.25], device="cuda")
     run = lambda impl: grads_of(  # noqa: E731
@@ -388,6 +453,8 @@ def test_cuda_roi_pool_real_shapes(dtype, n, hw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("c,m,d,k,k_denom", [(20, 12 * 256, 256, 128, None),
                                              (20, 12 * 256, 256, 16, 128),
+                                             (80, 12 * 256, 256, 128, None),
+                                             (81, 8 * 56 * 56, 128, 16, None),
                                              (21, 16 * 112 * 112, 128, 128, None)])
 def test_cuda_topk_proto_real_shapes(dtype, c, m, d, k, k_denom):
     check_topk(*topk_inputs(c, m, d, dtype=dtype, device="cuda"), k, k_denom, dtype=dtype, tol=CUDA_TOL)

@@ -55,6 +55,35 @@ def test_a_passing_kernel_is_checked_once_and_used(monkeypatch):
     torch.testing.assert_close(out, ops.psc_terms(*args, impl="torch"), rtol=1e-5, atol=1e-6)
 
 
+def test_each_class_count_is_checked_on_its_own(monkeypatch):
+    """21 classes (the one-block kernels) and 81 (MS COCO: the chunked kernels) are different
+    kernel variants: each gets its own verdict, from a probe with that many classes; a kernel
+    wrong only for chunked columns falls back there and keeps serving C = 21."""
+    import kernels.psc
+    real = kernels.psc.psc_terms_triton
+    probed = []
+
+    def wrong_when_chunked(*a):
+        probed.append(a[4].shape[0])
+        out = real(*a)
+        return out * 1.01 if kernels.psc.column_layout(a[4].shape[0]) == "chunked" else out
+    monkeypatch.setattr(kernels.psc, "psc_terms_triton", wrong_when_chunked)
+    voc = psc_args()
+    g = torch.Generator().manual_seed(5)
+    coco = (*voc[:2], torch.randint(0, 81, (40,), generator=g), torch.randint(0, 81, (40,), generator=g),
+            *[torch.nn.functional.normalize(torch.randn(81, 16, generator=g), dim=1) for _ in range(4)])
+    ops.psc_terms(*voc, impl="auto")
+    with pytest.warns(RuntimeWarning, match=r"psc_terms.*C=81.*mismatch"):
+        out = ops.psc_terms(*coco, impl="auto")
+    assert torch.equal(out, ops.psc_terms(*coco, impl="torch"))
+    verdicts = {r["case"]: r["ok"] for r in kernel_check.report()}
+    assert verdicts == {"C=21": True, "C=81": False}
+    assert probed[0] == 21 and 81 in probed  # the C=81 check probed with 81 classes
+    before = len(probed)
+    ops.psc_terms(*voc, impl="auto")
+    assert len(probed) == before + 1  # C = 21 still served by the kernel, no new check
+
+
 def test_a_wrong_kernel_falls_back_with_one_warning(monkeypatch):
     import kernels.psc
     monkeypatch.setattr(kernels.psc, "psc_terms_triton",
