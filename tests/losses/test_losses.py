@@ -433,3 +433,39 @@ def test_eps_methods_need_saliency():
     del batch["sal"]
     with pytest.raises(LossInputError, match="saliency"):
         method_losses(out1, out2, batch, PrototypeBanks(0), cfg_small(method="eps"))
+
+
+# ------------------------------------------------------------------------------------------
+# MS COCO's 81 classes through the fused kernels
+# ------------------------------------------------------------------------------------------
+@pytest.mark.interpreter
+def test_official_losses_at_81_classes_triton_equals_torch():
+    """One official step at 80 foreground classes + background: RSC (bg = label 80), CSC (80
+    class rows), PSC (243 logit columns: the chunked kernels) with impl="triton" give the torch
+    reference's losses, banks and feature gradients."""
+    g = torch.Generator().manual_seed(81)
+    n, hw, k = 2, 4, 80
+    label = torch.zeros(n, k)
+    for i in range(n):
+        label[i, torch.randperm(k, generator=g)[: 2 + i]] = 1
+    cams = [normalize_cam(torch.randn(n, k + 1, hw, hw, generator=g) * 3) for _ in range(2)]
+    ys = [pseudo_labels(c, label) for c in cams]
+    for y in ys:
+        y[0, :2] = k  # every view has background
+    feats = {name: torch.randn(n, d, hw, hw, generator=g) for name, d in (("r1", 16), ("r2", 16), ("p1", 8), ("p2", 8))}
+    feats["p1"], feats["p2"] = feats["p1"].relu(), feats["p2"].relu()
+    rsc_banks = [F.normalize(torch.randn(2, 16, generator=g), dim=1) for _ in range(2)]
+    csc_banks = [F.normalize(torch.randn(k + 1, 16, generator=g), dim=1) for _ in range(2)]
+    psc_banks = [torch.randn(k + 1, 8, generator=g) for _ in range(2)]
+
+    def step(impl):
+        cfg = LossConfig.official(impl=impl)
+        f = {name: clone_leaf(t) for name, t in feats.items()}
+        rsc = rsc_loss(f["r1"], f["r2"], *ys, *rsc_banks, cfg, impl=impl, bg_index=k)
+        csc = csc_loss(f["r1"], cams[0], f["r2"], cams[1], label, *csc_banks, cfg, impl=impl)
+        psc = psc_loss(cams[0], f["p1"], cams[1], f["p2"], *ys, *psc_banks, cfg, impl=impl)
+        (rsc[0] + csc[0] + psc[0]).backward()
+        return [t.detach() for part in (rsc, csc, psc) for t in part] + [f[name].grad for name in sorted(f)]
+
+    for got, want in zip(step("triton"), step("torch")):
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
