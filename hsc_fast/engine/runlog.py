@@ -1,6 +1,7 @@
 """The run directory: what a training run records about itself.
 
     RUN_DIR/config.yaml      the fully resolved config (preset + overrides), re-loadable
+    RUN_DIR/classes.json     the run's class set (hsc_fast.classes: names, background, ignore label)
     RUN_DIR/env.json         versions, git sha, world size, devices, launch mode, command line
     RUN_DIR/metrics.csv      one row per optimiser step (rank 0): step, epoch, lr, loss, every
                              loss term, images/s, skipped samples, non-finite count
@@ -168,8 +169,14 @@ class RunLog:
                             dynamic_ncols=True, disable=None)
 
     def write_config(self, cfg: RunConfig) -> None:
+        """config.yaml and the run's class set as classes.json (what make_seeds, evaluate and the
+        later stages look for beside a run; `cfg.data.classes` is resolved by then)."""
         if self.is_main:
+            from hsc_fast.classes import CLASSES_FILE
+            from hsc_fast.classes import save as save_classes
+            from hsc_fast.config import run_class_set
             save_config(cfg, self.run_dir / "config.yaml")
+            save_classes(self.run_dir / CLASSES_FILE, run_class_set(cfg))
 
     def write_env(self, info: dict) -> None:
         if self.is_main:

@@ -86,6 +86,8 @@ def test_resume_equals_uninterrupted_run_bitwise(synth, tmp_path):
     expected = tiny_cfg(synth, train__max_steps=4, train__save_every=2, train__image_every=2)
     expected.data.classes, expected.model.num_classes = "voc", 21  # the run records its resolved class set
     assert cfg_back == expected
+    from hsc_fast.classes import VOC, load as load_classes
+    assert load_classes(full / "classes.json") == VOC  # beside the config, for make_seeds / evaluate
     env = json.loads((full / "env.json").read_text())
     assert env["world_size"] == 1 and env["torch"] == torch.__version__ and env["git_sha"]
     assert env["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 2
