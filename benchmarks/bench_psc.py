@@ -27,7 +27,6 @@ prints the table plus triton-vs-eager / triton-vs-compile speed-ups side by side
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import time
@@ -223,13 +222,18 @@ def measure(problem, impl_name, pass_name, dtype_name, case, args, peak_bw):
     return record
 
 
+def class_counts_of(op: str, args) -> list:
+    """The --classes an op runs at: each for psc_terms / topk_proto, one (unused) for roi_pool."""
+    return list(args.classes) if PROBLEMS[op].per_class else list(args.classes[:1])
+
+
 def interpreter_checks(args):
     """CPU only: the Triton kernels (interpreter) against the references on tiny shapes."""
     records = []
     tiny = (("psc_terms", (1, 8, 8)), ("roi_pool", (2, 5, 7)), ("topk_proto", (1, 6, 10)))
-    for (op, (n, h, w)), classes, (dtype_name, dtype) in itertools.product(tiny, args.classes, DTYPES.items()):
-        if not PROBLEMS[op].per_class and classes != args.classes[0]:
-            continue
+    runs = [(op, shape, classes, dtype_item) for op, shape in tiny for classes in class_counts_of(op, args)
+            for dtype_item in DTYPES.items()]
+    for op, (n, h, w), classes, (dtype_name, dtype) in runs:
         problem = PROBLEMS[op](n, h, w, dtype, "cpu", classes=classes)
         t0 = time.perf_counter()
         got = make_runner(problem, "triton", "fwd+bwd")()
@@ -255,7 +259,7 @@ def plan(args):
     if args.quick and not args.cases:
         cases = ["official", "fullres"] if ON_CUDA else ["official"]
     grid = [(case, op, classes, dtype_name, pass_name) for case in cases for op in PROBLEMS
-            for classes in (args.classes if PROBLEMS[op].per_class else args.classes[:1])
+            for classes in class_counts_of(op, args)
             for dtype_name in DTYPES for pass_name in PASSES]
     for item in grid:
         yield (*item, "eager")

@@ -275,8 +275,7 @@ def _set_lse_and_picks(f, f_raw, row_scale, set_ptr, ya, yb, jb, d, C, D, BLOCK_
 
 
 @triton.jit
-def _chunked_tile(f_ptr, stride_f, ya_ptr, yb_ptr, pid, M, D, norm_eps, inv_tau,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _chunked_tile(f_ptr, stride_f, ya_ptr, yb_ptr, pid, M, D, norm_eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's row tile of one view: (rows, rmask, d, f, f_raw, f_norm, inv_norm, ya, yb)."""
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -295,7 +294,7 @@ def _psc_fwd_chunked_kernel(f1_ptr, f2_ptr, y1_ptr, y2_ptr, p1_ptr, p2_ptr, m1_p
     f_ptr, stride_f, ya_ptr, yb_ptr, own_ptr, other_ptr, bank_ptr = _view_inputs(
         view, f1_ptr, f2_ptr, y1_ptr, y2_ptr, p1_ptr, p2_ptr, m1_ptr, m2_ptr, stride_f1, stride_f2)
     rows, rmask, d, f, f_raw, f_norm, inv_norm, ya, yb = _chunked_tile(
-        f_ptr, stride_f, ya_ptr, yb_ptr, pid, M, D, norm_eps, inv_tau, BLOCK_M, BLOCK_D)
+        f_ptr, stride_f, ya_ptr, yb_ptr, pid, M, D, norm_eps, BLOCK_M, BLOCK_D)
     row_scale = (inv_norm * inv_tau)[:, None]
     jb = tl.arange(0, BLOCK_J)
     lse_own, own_a, own_b = _set_lse_and_picks(f, f_raw, row_scale, own_ptr, ya, yb, jb, d, C, D,
@@ -361,7 +360,7 @@ def _psc_bwd_chunked_kernel(f1_ptr, f2_ptr, y1_ptr, y2_ptr, p1_ptr, p2_ptr, m1_p
     else:
         df_ptr = df2_ptr
     rows, rmask, d, f, f_raw, f_norm, inv_norm, ya, yb = _chunked_tile(
-        f_ptr, stride_f, ya_ptr, yb_ptr, pid, M, D, norm_eps, inv_tau, BLOCK_M, BLOCK_D)
+        f_ptr, stride_f, ya_ptr, yb_ptr, pid, M, D, norm_eps, BLOCK_M, BLOCK_D)
     row_scale = (inv_norm * inv_tau)[:, None]
     jb = tl.arange(0, BLOCK_J)
     g_cp = tl.load(grad_ptr + 0 * stride_grad).to(tl.float32) * scale

@@ -125,16 +125,16 @@ def _cupy_extra_check(info: dict) -> Check:
 KERNEL_CASES = (("roi_pool", "roi_pool.roi_pool_triton", "roi_pool_reference", (256,)),
                 ("topk_proto", "topk_proto.topk_proto_triton", "topk_proto_reference", (256, 128)),
                 ("psc_terms", "psc.psc_terms_triton", "psc_terms_reference", (128,)))
-# Ops whose kernel has variants by shape: (case, probe factory argument). psc_terms: VOC's 21
-# classes (63 logit columns, one block) and MS COCO's 81 (243 columns in chunks).
-KERNEL_VARIANTS = {"psc_terms": (("C=21", 21), ("C=81", 81))}
+# psc_terms has a kernel variant per class count: VOC's 21 classes (63 logit columns, one block)
+# and MS COCO's 81 (243 columns in chunks); the doctor checks both.
+PSC_CLASS_COUNTS = (21, 81)
 
 
 def kernel_variants(op: str):
     """[(case, probe)] for one op: its shape variants, or its one probe."""
     from hsc_fast import ops
     if op == "psc_terms":
-        return [(case, ops.psc_probe_for(c)) for case, c in KERNEL_VARIANTS[op]]
+        return [ops.psc_variant(c) for c in PSC_CLASS_COUNTS]
     return [("", ops.PROBES[op])]
 
 

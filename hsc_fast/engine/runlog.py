@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from hsc_fast import io
-from hsc_fast.config import RunConfig, save_config
+from hsc_fast.classes import CLASSES_FILE
+from hsc_fast.classes import save as save_classes
+from hsc_fast.config import RunConfig, run_class_set, save_config
 
 FIXED_COLUMNS = ["step", "epoch", "lr", "loss"]
 TAIL_COLUMNS = ["images_per_s", "skipped_samples", "nonfinite_steps", "nonfinite_in_a_row", "time_s"]
@@ -172,9 +174,6 @@ class RunLog:
         """config.yaml and the run's class set as classes.json (what make_seeds, evaluate and the
         later stages look for beside a run; `cfg.data.classes` is resolved by then)."""
         if self.is_main:
-            from hsc_fast.classes import CLASSES_FILE
-            from hsc_fast.classes import save as save_classes
-            from hsc_fast.config import run_class_set
             save_config(cfg, self.run_dir / "config.yaml")
             save_classes(self.run_dir / CLASSES_FILE, run_class_set(cfg))
 

@@ -46,7 +46,8 @@ from __future__ import annotations
 from hsc_fast.ops.dispatch import (IMPLS, LossInputError, check_dims, dispatch, import_kernel, l2_normalize,  # noqa: F401
                                    triton_available, upcast, use_triton)
 from hsc_fast.ops.psc import PROBE as _PSC_PROBE
-from hsc_fast.ops.psc import EMBED_NORM_EPS, nce_rows, probe_for as psc_probe_for, psc_terms, psc_terms_reference  # noqa: F401,E501
+from hsc_fast.ops.psc import EMBED_NORM_EPS, nce_rows, psc_terms, psc_terms_reference  # noqa: F401
+from hsc_fast.ops.psc import variant as psc_variant  # noqa: F401
 from hsc_fast.ops.roi_pool import PROBE as _ROI_POOL_PROBE
 from hsc_fast.ops.roi_pool import roi_pool, roi_pool_reference  # noqa: F401
 from hsc_fast.ops.topk_proto import PROBE as _TOPK_PROTO_PROBE

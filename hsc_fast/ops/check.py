@@ -73,13 +73,21 @@ class CheckResult:
     case: str = ""          # e.g. "C=81": the kernel variant's shape (empty: one variant)
 
     def key(self) -> tuple:
-        return (self.op, self.dtype, self.dim, self.arch, self.case)
+        return _key(self.op, self.dtype, self.dim, self.arch, self.case)
+
+    def variant(self) -> str:
+        """'float32, dim 128' (+ ', C=81' where the op has shape variants)."""
+        return f"{self.dtype}, dim {self.dim}" + (f", {self.case}" if self.case else "")
 
     def describe(self) -> str:
         what = "ok" if self.ok else f"FAILED ({self.error})"
-        case = f", {self.case}" if self.case else ""
-        return (f"{self.op} [{self.dtype}, dim {self.dim}{case}, {self.arch}]: {what}; fwd error {self.fwd_error:.2e}, "
+        return (f"{self.op} [{self.variant()}, {self.arch}]: {what}; fwd error {self.fwd_error:.2e}, "
                 f"grad error {self.grad_error:.2e} ({self.seconds:.2f} s; {self.versions})")
+
+
+def _key(op: str, dtype: str, dim: int, arch: str, case: str) -> tuple:
+    """The verdict key: one check per (op, dtype, feature dim, arch, kernel variant)."""
+    return (op, dtype, int(dim), arch, case)
 
 
 _RESULTS: dict[tuple, CheckResult] = {}
@@ -208,8 +216,7 @@ def record(result: CheckResult) -> None:
     if not result.ok and not known:
         fallback = "the sort build" if result.op == "lattice_hash" else "the torch reference"
         kind = "CuPy kernel" if result.op == "lattice_hash" else "Triton kernel"
-        case = f", {result.case}" if result.case else ""
-        message = (f"hsc_fast: {kind} '{result.op}' failed its self-check for {result.dtype}, dim {result.dim}{case} "
+        message = (f"hsc_fast: {kind} '{result.op}' failed its self-check for {result.variant()} "
                    f"on {result.arch}: {result.error} ({result.versions}); using {fallback} for it")
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         log.warning(message)
@@ -218,7 +225,7 @@ def record(result: CheckResult) -> None:
 
 
 def lookup(op: str, tensor: torch.Tensor, dim: int, case: str = "") -> Optional[CheckResult]:
-    return _RESULTS.get((op, str(tensor.dtype).replace("torch.", ""), int(dim), arch_of(tensor.device), case))
+    return _RESULTS.get(_key(op, str(tensor.dtype).replace("torch.", ""), dim, arch_of(tensor.device), case))
 
 
 def usable(op: str, impl: str, tensor: torch.Tensor, dim: int, probe: Probe, kernel: Callable,
@@ -229,9 +236,8 @@ def usable(op: str, impl: str, tensor: torch.Tensor, dim: int, probe: Probe, ker
         result = run_check(op, probe, kernel, reference, tensor.dtype, dim, tensor.device, case)
         record(result)
     if not result.ok and impl == "triton":
-        shape = f", {result.case}" if result.case else ""
-        raise KernelCheckError(f"loss.impl=triton: kernel '{op}' failed its self-check for {result.dtype}, "
-                               f"dim {result.dim}{shape} on {result.arch}: {result.error} ({result.versions}); "
+        raise KernelCheckError(f"loss.impl=triton: kernel '{op}' failed its self-check for {result.variant()} "
+                               f"on {result.arch}: {result.error} ({result.versions}); "
                                "use loss.impl=auto (falls back to the torch reference) or loss.impl=torch")
     return result.ok
 

@@ -47,9 +47,8 @@ def psc_terms(f1, f2, y1, y2, p1, p2, m1, m2, *, tau=0.1, impl="auto"):
         raise LossInputError("psc_terms: no pixels (M = 0): the per-pixel means are undefined")
     # The class count C picks the kernel variant (3C logit columns in one block or in chunks):
     # each C a run meets is self-checked on its own, with a probe of C classes.
-    classes = p1.shape[0]
-    fn = dispatch("psc_terms", "psc.psc_terms_triton", impl, f1, f1.shape[1], psc_terms_reference,
-                  probe_for(classes), case=f"C={classes}")
+    case, probe = variant(p1.shape[0])
+    fn = dispatch("psc_terms", "psc.psc_terms_triton", impl, f1, f1.shape[1], psc_terms_reference, probe, case=case)
     return fn(f1, f2, y1.long(), y2.long(), p1, p2, m1, m2, float(tau), EMBED_NORM_EPS)
 
 
@@ -66,9 +65,9 @@ def _psc_terms_probe(dtype, dim, device, g, classes=21):
 
 
 @functools.lru_cache(maxsize=None)
-def probe_for(classes: int) -> Probe:
-    """The self-check probe with `classes` prototype rows per set."""
-    return Probe(functools.partial(_psc_terms_probe, classes=int(classes)))
+def variant(classes: int) -> tuple[str, Probe]:
+    """(self-check case, probe) for `classes` prototype rows per set: "C=21" with a 21-class probe."""
+    return f"C={int(classes)}", Probe(functools.partial(_psc_terms_probe, classes=int(classes)))
 
 
-PROBE = probe_for(21)
+PROBE = variant(21)[1]

@@ -1,13 +1,13 @@
 """The one-launcher pipeline: stage selection, markers and skipping, failure propagation, the
 summary and the report; and (slow) a whole tiny run on the synthetic set, rerun to check it resumes."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import _faultutil as F
 from hsc_fast.engine import pipeline as P
 from hsc_fast.cli import pipeline as CLI_P
 from hsc_fast.config import RunConfig
@@ -15,16 +15,6 @@ from hsc_fast.errors import ConfigError, HscError
 from hsc_fast.eval.report import write_report
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def child_env() -> dict:
-    """The environment for a launched pipeline: one thread, and none of the launcher variables
-    that in-process training tests leave in os.environ (a MASTER_PORT whose store this pytest
-    process still holds would make the child's rendezvous fail with EADDRINUSE)."""
-    from hsc_fast.distributed import LAUNCHER_ENV
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _ctx(tmp_path, rank=0):
@@ -128,7 +118,7 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
            "--set", "loss.csc_update_topk=4", "--set", "loss.psc_topk=2", "--set", "seeds.scales=[1.0]",
            "--set", "deeplab.test_scales=[1.0]", "--set", "pretrain.steps=2", "--set", "pretrain.images=40",
            "--set", "pretrain.val_images=20", "--set", "pretrain.size=32", "--set", "pretrain.batch_size=8"]
-    env = child_env()
+    env = F.clean_env()  # no launcher variables left in os.environ by in-process tests
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -170,7 +160,7 @@ def test_tiny_pipeline_with_80_classes(tmp_path):
            "--set", "data.view2_size=32", "--set", "loss.contrast_size=4", "--set", "loss.csc_topk=8",
            "--set", "loss.csc_update_topk=4", "--set", "loss.psc_topk=2", "--set", "seeds.scales=[1.0]",
            "--set", "deeplab.test_scales=[1.0]"]
-    env = child_env()
+    env = F.clean_env()  # no launcher variables left in os.environ by in-process tests
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads((run / "classes.json").read_text())["name"] == "synthetic:80"
