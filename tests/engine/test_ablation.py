@@ -3,6 +3,7 @@ skipping of completed variants. No training here (the runner reuses the tested p
 import json
 
 import pytest
+import torch
 
 from hsc_fast.engine import ablation as A
 from hsc_fast.config import get_key, load_config
@@ -232,3 +233,79 @@ def test_another_synthetic_set_size_needs_another_run_dir(tmp_path, base_cfg):
     root.synth = dict(root.synth, n_train=600)
     with pytest.raises(ConfigError, match="has 300 training images, not 600"):
         A.check_synth_size(root)
+
+
+# ------------------------------------------------------------------------------ paired seeds
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from hsc_fast.data.synth import generate
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, 12, 2, 0, 64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def group():
+    import os
+    from hsc_fast import distributed as D
+    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
+    info = D.init_distributed(60)
+    yield info
+    D.shutdown(info)
+    for k in DIST_ENV:
+        os.environ.pop(k, None)
+    os.environ.update(saved)
+
+
+def tiny_sets(synth, seed: int) -> list:
+    """A random-init ResNet-18 at 64 px on the 12-image synthetic set (the contrast maps 4x4)."""
+    return [f"data.train={synth / 'VOC2012'}", f"data.train_list={synth / 'VOC2012/ImageSets/Segmentation/train_aug.txt'}",
+            f"data.sbd_root={synth / 'SBD'}", f"data.cls_labels={synth / 'cls_labels.npy'}",
+            "data.batch_size=2", "data.workers=0", "data.crop_size=64", "data.resize_long=[64,80]",
+            "data.view2_size=32", "loss.contrast_size=4", "loss.csc_topk=16", "loss.csc_update_topk=4",
+            "loss.psc_topk=1", "model.backbone=resnet18", "model.weights=", "model.allow_random_init=true",
+            "pretrain.enabled=false", "train.tensorboard=false", f"train.seed={seed}"]
+
+
+def start_of_training(synth, tmp_path, group, variant: str, seed: int, *extra) -> tuple[list, dict]:
+    """The first two batches a variant trains on and its initial weights (all of them)."""
+    from hsc_fast.engine.cam_trainer import Trainer
+    cfg = A.variant_config(load_config("ablation/demo", tiny_sets(synth, seed) + list(extra)), A.variant_by_name()[variant])
+    trainer = Trainer(cfg, tmp_path / f"{variant}_{seed}_{len(extra)}", group)
+    stream = trainer.make_stream()
+    first = stream.next()
+    torch.rand(1000)                  # a loss that draws random numbers does not shift the data
+    return [first, stream.next()], {k: v.clone() for k, v in trainer.module.state_dict().items()}
+
+
+def same_batches(a: list, b: list) -> bool:
+    return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k]
+                                            for k in x) for x, y in zip(a, b))
+
+
+def same_weights(a: dict, b: dict, prefixes: tuple) -> bool:
+    names = [k for k in a if k.startswith(prefixes)]
+    assert names and all(k in b for k in names)
+    return all(torch.equal(a[k], b[k]) for k in names)
+
+
+def test_same_seed_gives_every_variant_the_same_batches_and_initial_weights(synth, tmp_path, group):
+    """Paired seeds: SEAM and full HSC at one seed see the same pixels and labels in the same order
+    and start from the same backbone, CAM head and PCM (and HSC's projectors are the same whether
+    or not SEAM builds them); another seed changes both."""
+    seam_batches, seam_w = start_of_training(synth, tmp_path, group, "seam", 3, "model.projectors=false")
+    hsc_batches, hsc_w = start_of_training(synth, tmp_path, group, "hsc_seam", 3)
+    other_batches, other_w = start_of_training(synth, tmp_path, group, "seam", 4, "model.projectors=false")
+    nopcm_batches, nopcm_w = start_of_training(synth, tmp_path, group, "hsc_seam", 3, "model.pcm=false")
+    assert {"img", "label"} <= set(seam_batches[0])
+    assert same_batches(seam_batches, hsc_batches) and same_batches(seam_batches, nopcm_batches)
+    parts = ("backbone.", "cam_head.", "pcm.")
+    assert same_weights(seam_w, hsc_w, parts)
+    assert same_weights(hsc_w, nopcm_w, ("backbone.", "cam_head.", "psc_proj.", "rsc_proj."))  # no PCM: same projectors
+    assert "psc_proj.0.weight" not in seam_w and "pcm.fuse.weight" not in nopcm_w
+    assert not torch.equal(seam_batches[0]["img"], other_batches[0]["img"])
+    for part in ("backbone.conv1.weight", "cam_head.weight", "pcm.conv4_proj.weight"):
+        assert not torch.equal(seam_w[part], other_w[part]), part
