@@ -92,37 +92,43 @@ def test_select_variants_keeps_table_order_and_rejects_unknown():
         A.select_variants("seam,nope")
 
 
-def _stages(miou, thr, train_s):
+def _stages(miou, thr, train_s, fg=(None, None)):
     return {"train_cam": {"seconds": train_s}, "cam": {"seconds": 3.0},
-            "sweep": {"seconds": 1.0, "outputs": {"best": {"miou": miou, "threshold": thr}}}}
+            "sweep": {"seconds": 1.0, "outputs": {"best": {"miou": miou, "threshold": thr, "fg_precision": fg[0],
+                                                           "fg_recall": fg[1]}}}}
 
 
-def _fake_results(base_cfg, mious):
+def _fake_results(base_cfg, mious, seed=0):
     out = []
     for name, miou in mious.items():
         v = A.variant_by_name()[name]
-        out.append(A.make_result(v, _stages(miou, 0.25, 100.0 + miou), A.config_digest(A.variant_config(base_cfg, v)),
-                                 base_cfg.train.max_steps))
+        out.append(A.make_result(v, _stages(miou, 0.25, 100.0 + miou, (60.0 + miou, 70.0 - miou)),
+                                 A.config_digest(A.variant_config(base_cfg, v)), base_cfg.train.max_steps, seed))
     return out
 
 
 def test_tables_and_gains_from_fake_results(tmp_path, base_cfg):
     results = _fake_results(base_cfg, {"seam": 40.0, "seam_psc": 41.5, "hsc_seam": 44.25, "eps": 50.0,
                                        "hsc_eps": 49.0})
-    assert A.gains(results) == {"seam_psc": 1.5, "hsc_seam": 4.25, "hsc_eps": -1.0}
-    assert A.goal_status(results) == {"target_gain": 3.0, "hsc_seam_gain": 4.25, "reached": True}
+    rows = A.aggregate(results)
+    assert A.gains(rows) == {"seam_psc": 1.5, "hsc_seam": 4.25, "hsc_eps": -1.0}
+    assert A.goal_status(rows) == {"target_gain": 3.0, "hsc_seam_gain": 4.25, "reached": True}
     js, md = A.write_outputs(tmp_path, results, {"command": "cmd", "dataset": "synth", "total_seconds": 12.0})
     data = json.loads(js.read_text())
-    assert [r["variant"] for r in data["variants"]] == ["seam", "seam_psc", "hsc_seam", "eps", "hsc_eps"]
+    assert [r["variant"] for r in data["runs"]] == ["seam", "seam_psc", "hsc_seam", "eps", "hsc_eps"]
     assert data["gains"]["hsc_seam"] == 4.25 and data["goal"]["reached"] is True
-    rows = [line for line in md.read_text().splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| variant | method | PSC | CSC | RSC | CS | MPL | CRF | seed mIoU")
-    cells = {r.split(" | ")[0][2:]: [c.strip() for c in r.strip("|").split("|")] for r in rows[1:]}
-    assert cells["+PSC"] == ["+PSC", "hsc_seam", "x", "", "", "x", "", "", "41.50", "+1.50", "0.25", "", "142", "59.3"]
+    lines = [line for line in md.read_text().splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| variant | method | PSC | CSC | RSC | CS | MPL | CRF | seed mIoU | vs baseline | "
+                               "fg precision | fg recall |")
+    cells = {r.split(" | ")[0][2:]: [c.strip() for c in r.strip("|").split("|")] for r in lines[1:]}
+    assert cells["+PSC"] == ["+PSC", "hsc_seam", "x", "", "", "x", "", "", "41.50", "+1.50", "101.5", "28.5", "0.25",
+                             "", "142", "59.3"]
     assert cells["SEAM baseline"][8:10] == ["40.00", ""]
     assert cells["full HSC (EPS)"][9] == "-1.00"
+    # one seed: a difference but no interval
+    assert cells["full HSC (SEAM) − SEAM baseline"][1:6] == ["+4.25", "", "1", "", "needs >= 2 shared seeds"]
     assert "Goal (full HSC >= SEAM + 3 mIoU): reached (+4.25)" in md.read_text()
-    failed = A.goal_status(_fake_results(base_cfg, {"seam": 40.0, "hsc_seam": 42.0}))
+    failed = A.goal_status(A.aggregate(_fake_results(base_cfg, {"seam": 40.0, "hsc_seam": 42.0})))
     assert failed["reached"] is False
 
 
@@ -138,7 +144,7 @@ def test_completed_variants_are_skipped_and_stale_ones_refused(tmp_path, base_cf
 
     def fake_run_variant(root, variant, cfg, digest, force):
         ran_variants.append(variant.name)
-        result = A.make_result(variant, _stages(30.0, 0.2, 5.0), digest, cfg.train.max_steps)
+        result = A.make_result(variant, _stages(30.0, 0.2, 5.0), digest, cfg.train.max_steps, cfg.train.seed)
         write_json(A.result_path(root.run_dir, variant), result)
         return result
 
@@ -150,7 +156,7 @@ def test_completed_variants_are_skipped_and_stale_ones_refused(tmp_path, base_cf
     results = A.run_ablation(root, base_cfg, A.select_variants("seam,eps,hsc_seam"), log=lambda *_: None)
     assert ran_variants == ["seam", "hsc_seam", "eps"]
     table = json.loads((tmp_path / "ablation.json").read_text())
-    assert [r["variant"] for r in table["variants"]] == ["seam", "hsc_seam", "eps"] == [r["variant"] for r in results]
+    assert [r["variant"] for r in table["runs"]] == ["seam", "hsc_seam", "eps"] == [r["variant"] for r in results]
     # --force reruns
     A.run_ablation(root, base_cfg, A.select_variants("seam"), force=True, log=lambda *_: None)
     assert ran_variants[-1] == "seam" and len(ran_variants) == 4
@@ -191,7 +197,7 @@ def test_final_loss_averages_the_last_rows(tmp_path):
     assert A.final_loss(tmp_path / "missing.csv") is None
 
 
-def test_seeds_train_each_row_n_times_and_the_table_shows_mean_and_std(tmp_path, base_cfg, monkeypatch):
+def test_seeds_run_seed_major_and_the_table_shows_mean_std_and_paired_differences(tmp_path, base_cfg, monkeypatch):
     import hsc_fast.engine.pipeline as P
     monkeypatch.setattr(P, "run_stage", lambda ctx, stage, force, stage_seconds: None)
     ran = []
@@ -201,22 +207,31 @@ def test_seeds_train_each_row_n_times_and_the_table_shows_mean_and_std(tmp_path,
         k = cfg.train.seed - base_cfg.train.seed
         ran.append((variant.name, k))
         result = A.make_result(variant, _stages(by_seed[variant.replicate_of or variant.name][k], 0.2, 5.0), digest,
-                               cfg.train.max_steps)
+                               cfg.train.max_steps, cfg.train.seed)
         write_json(A.result_path(root.run_dir, variant), result)
         return result
 
     monkeypatch.setattr(A, "run_variant", fake_run_variant)
     root = _root(tmp_path, base_cfg)
     A.run_ablation(root, base_cfg, A.select_variants("seam,hsc_seam"), seeds=3, log=lambda *_: None)
-    assert ran == [("seam", 0), ("seam_s1", 1), ("seam_s2", 2), ("hsc_seam", 0), ("hsc_seam_s1", 1), ("hsc_seam_s2", 2)]
+    # seed-major: after any prefix of the schedule, the finished runs form complete pairs
+    assert ran == [("seam", 0), ("hsc_seam", 0), ("seam_s1", 1), ("hsc_seam_s1", 1), ("seam_s2", 2), ("hsc_seam_s2", 2)]
     data = json.loads((tmp_path / "ablation.json").read_text())
     rows = {r["variant"]: r for r in data["rows"]}
-    assert rows["seam"]["seed_miou"] == pytest.approx(42.0) and rows["seam"]["seed_miou_std"] == pytest.approx(2.0)
-    assert rows["hsc_seam"]["seed_miou"] == pytest.approx(46.0)
-    assert rows["hsc_seam"]["seed_miou_std"] == pytest.approx(3 ** 0.5)          # sample std of 45, 45, 48
+    s0 = base_cfg.train.seed
+    assert rows["seam"]["per_seed"] == [40.0, 42.0, 44.0] and rows["seam"]["seeds"] == [s0, s0 + 1, s0 + 2]
+    assert rows["seam"]["mean"] == pytest.approx(42.0) and rows["seam"]["std"] == pytest.approx(2.0)
+    assert rows["hsc_seam"]["mean"] == pytest.approx(46.0)
+    assert rows["hsc_seam"]["std"] == pytest.approx(3 ** 0.5)          # sample std of 45, 45, 48
     assert data["gains"] == {"hsc_seam": 4.0} and data["seeds"] == 3
+    (pair,) = data["pairs"]
+    d = pair["paired_diff"]                                             # differences 5, 3, 4
+    assert (pair["variant"], pair["reference"], d["n"], d["mean"]) == ("hsc_seam", "seam", 3, 4.0)
+    assert d["ci95"] == pytest.approx([4 - 4.302652730 / 3 ** 0.5, 4 + 4.302652730 / 3 ** 0.5])  # t(0.975, 2) sd 1
     md = (tmp_path / "ablation.md").read_text()
     assert "| 42.00 ± 2.00 (n=3) |" in md and "| 46.00 ± 1.73 (n=3) | +4.00 |" in md
+    assert "| full HSC (SEAM) − SEAM baseline | +4.00 | [+1.52, +6.48] | 3 |" in md
+    assert "the 95 % CI [+1.52, +6.48] excludes 0 (n = 3 paired seeds)" in md
     # all six runs are complete: a second invocation trains nothing; --seeds 1 reuses seed 0 only
     A.run_ablation(root, base_cfg, A.select_variants("seam,hsc_seam"), seeds=3, log=lambda *_: None)
     A.run_ablation(root, base_cfg, A.select_variants("seam,hsc_seam"), seeds=1, log=lambda *_: None)
@@ -224,6 +239,50 @@ def test_seeds_train_each_row_n_times_and_the_table_shows_mean_and_std(tmp_path,
     assert json.loads((tmp_path / "ablation.json").read_text())["gains"] == {"hsc_seam": 5.0}
     with pytest.raises(ConfigError, match="--seeds 0"):
         A.run_ablation(root, base_cfg, A.select_variants("seam"), seeds=0, log=lambda *_: None)
+
+
+def test_per_seed_lists_runs_in_seed_order_whatever_order_they_finished(base_cfg):
+    results = [r for seed, miou in ((7, 30.0), (5, 10.0), (6, 20.0))
+               for r in _fake_results(base_cfg, {"seam": miou}, seed=seed)]
+    (row,) = A.aggregate(results)
+    assert row["seeds"] == [5, 6, 7] and row["per_seed"] == [10.0, 20.0, 30.0]
+    assert row["fg_precision_per_seed"] == [70.0, 80.0, 90.0] and row["fg_recall"] == pytest.approx(50.0)
+
+
+def test_paired_t_interval_against_a_hand_computation():
+    """Differences 1, 2, 0, 3, 2 (seed 9 only in a: left out): mean 1.6, sd sqrt(1.3), t(0.975, 4) =
+    2.776445105 -> half width 1.41571; scipy's ttest_rel p agrees with the interval on 0."""
+    from scipy import stats
+    a = {0: 31.0, 1: 34.0, 2: 30.0, 3: 38.0, 4: 35.0, 9: 99.0}
+    b = {0: 30.0, 1: 32.0, 2: 30.0, 3: 35.0, 4: 33.0}
+    d = A.paired_diff(a, b)
+    half = 2.776445105 * 1.3 ** 0.5 / 5 ** 0.5
+    assert d["n"] == 5 and d["seeds"] == [0, 1, 2, 3, 4]
+    assert d["mean"] == pytest.approx(1.6) and d["sd"] == pytest.approx(1.3 ** 0.5)
+    assert d["ci95"] == pytest.approx([1.6 - half, 1.6 + half]) and half == pytest.approx(1.41571, abs=1e-5)
+    assert d["ci95"][0] > 0 and d["p_value"] < 0.05
+    assert d["p_value"] == pytest.approx(stats.ttest_rel([a[s] for s in range(5)], [b[s] for s in range(5)]).pvalue)
+    wide = A.paired_diff({0: 1.0, 1: -1.0, 2: 2.0, 3: 0.0, 4: -0.5}, dict.fromkeys(range(5), 0.0))
+    assert wide["ci95"][0] < 0 < wide["ci95"][1] and wide["p_value"] > 0.05
+    assert A.paired_diff({0: 3.0}, {0: 1.0}) == {"mean": 2.0, "ci95": None, "n": 1, "sd": None, "p_value": None,
+                                                 "seeds": [0]}
+    assert A.paired_diff({0: 3.0}, {1: 1.0})["n"] == 0
+
+
+def test_compared_pairs_are_baselines_and_single_added_components():
+    rows = A.aggregate([r for v in A.variants() for r in _fake_results(load_config("ablation/demo"), {v.name: 1.0})])
+    assert A.compared_pairs(rows) == [
+        ("seam_psc", "seam"), ("seam_psc_csc", "seam"), ("seam_psc_csc", "seam_psc"),
+        ("seam_psc_csc_rsc", "seam"), ("seam_psc_csc_rsc", "seam_psc_csc"),
+        ("hsc_seam", "seam"), ("hsc_seam", "seam_psc_csc_rsc"), ("hsc_seam_paper", "seam"), ("hsc_eps", "eps")]
+
+
+def test_relative_paths_rewrites_every_absolute_path(tmp_path):
+    run = tmp_path / "runs" / "abl"
+    got = A.relative_paths({"cmd": f"x --run-dir {run} --set model.weights={tmp_path}/w.pth",
+                            "list": [f"({run}/pretrain/s.pth)", "https://example.org/a", "load 1/5/15 min"]}, run)
+    assert got == {"cmd": "x --run-dir . --set model.weights=../../w.pth",
+                   "list": ["(pretrain/s.pth)", "https://example.org/a", "load 1/5/15 min"]}
 
 
 def test_another_synthetic_set_size_needs_another_run_dir(tmp_path, base_cfg):
