@@ -368,3 +368,54 @@ def test_same_seed_gives_every_variant_the_same_batches_and_initial_weights(synt
     assert not torch.equal(seam_batches[0]["img"], other_batches[0]["img"])
     for part in ("backbone.conv1.weight", "cam_head.weight", "pcm.conv4_proj.weight"):
         assert not torch.equal(seam_w[part], other_w[part]), part
+
+
+# ------------------------------------------------------------------------------ a tiny real run
+TINY_RUN = ["--variants", "seam,hsc_seam", "--seeds", "2", "--synth-train", "8", "--no-progress",
+            "--set", "model.backbone=resnet18", "--set", "model.weights=", "--set", "model.allow_random_init=true",
+            "--set", "pretrain.enabled=false", "--set", "train.max_steps=2", "--set", "optim.poly_steps=2",
+            "--set", "train.save_every=2", "--set", "data.crop_size=64", "--set", "data.resize_long=[64,80]",
+            "--set", "data.view2_size=32", "--set", "loss.contrast_size=4", "--set", "loss.csc_topk=16",
+            "--set", "loss.csc_update_topk=4", "--set", "loss.psc_topk=1"]
+
+
+def strings_of(value):
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings_of(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings_of(v)]
+    return [value] if isinstance(value, str) else []
+
+
+@pytest.mark.slow
+def test_a_tiny_ablation_run_records_pairs_relative_paths_and_resumes(tmp_path):
+    """launch/ablation.py, 2 variants x 2 seeds x 2 steps: per_seed in seed order, the paired CI
+    recomputable from per_seed, fg precision / recall present, no absolute path in the JSON, and a
+    second invocation trains nothing."""
+    import re
+    import subprocess
+    import sys
+    from scipy import stats
+    import _faultutil as F
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(F.REPO / "launch" / "ablation.py"), "--run-dir", str(run), *TINY_RUN]
+    first = subprocess.run(cmd, cwd=F.REPO, env=F.clean_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    data = json.loads((run / "ablation.json").read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert [r["seed"] for r in data["runs"]] == [0, 0, 1, 1]                       # seed-major
+    for r in rows.values():
+        assert r["seeds"] == [0, 1] and len(r["per_seed"]) == 2
+        assert r["per_seed"] == [x["seed_miou"] for x in sorted(data["runs"], key=lambda x: x["seed"])
+                                 if x["replicate_of"] == r["variant"]]
+        assert all(0 <= v <= 100 for v in r["fg_precision_per_seed"] + r["fg_recall_per_seed"])
+    (pair,) = data["pairs"]
+    d = [a - b for a, b in zip(rows["hsc_seam"]["per_seed"], rows["seam"]["per_seed"])]
+    half = stats.t.ppf(0.975, 1) * stats.tstd(d) / 2 ** 0.5
+    assert pair["paired_diff"]["ci95"] == pytest.approx([sum(d) / 2 - half, sum(d) / 2 + half])
+    texts = strings_of(data)
+    assert not [s for s in texts if str(tmp_path) in s or re.search(r"(^|[\s=(])/\w", s)]
+    assert "--run-dir ." in data["command"]
+    again = subprocess.run(cmd, cwd=F.REPO, env=F.clean_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count(": complete (seed mIoU") == 4 and "train_cam: running" not in again.stdout
