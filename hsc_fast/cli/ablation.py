@@ -18,14 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The ablation command line (variants, examples and the exit-status table end --help)."""
     p = argparse.ArgumentParser(
         prog="launch/ablation.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="HSC ablation (paper Table 4 rows + the EPS pair) at one budget and seed: seed mIoU per variant.",
+        description="HSC ablation (paper Table 4 rows + the EPS pair) at one budget over paired seeds: seed mIoU "
+                    "per variant, paired differences with their CI (RUN_DIR/ablation.json, ablation.md).",
         epilog=with_exit_codes(
                "variants: " + ", ".join(f"{v.name} ({v.title})" for v in variants()) + "\n"
                "examples:\n"
                "  python launch/ablation.py --run-dir runs/ablation\n"
                "  python launch/ablation.py --run-dir runs/abl600 --set train.max_steps=600 --set optim.poly_steps=600\n"
                "  python launch/ablation.py --run-dir runs/ablation --variants seam,hsc_seam\n"
-               "  python launch/ablation.py --run-dir runs/abl3 --variants seam,hsc_seam --seeds 3 --synth-train 600",
+               "  python launch/ablation.py --run-dir runs/abl3 --variants seam,hsc_seam --seeds 3 --synth-train 600\n"
+               "  python launch/ablation.py --run-dir runs/abl5 --variants seam,seam_psc,seam_psc_csc,hsc_seam --seeds 5",
                failed="a variant failed", rank_lost=True))
     p.add_argument("--run-dir", required=True, help="shared data + one folder per variant + ablation.json/.md")
     add_config_args(p, "ablation/demo", "shared YAML config or preset (default: configs/ablation/demo.yaml)",
@@ -33,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="all", help="comma-separated subset (default: all)")
     p.add_argument("--force", action="store_true", help="delete and rerun the selected variants")
     p.add_argument("--seeds", type=int, default=1,
-                   help="train each variant N times (train.seed, +1, ...); the table shows mean ± std (default 1)")
+                   help="paired seeds: train each variant at train.seed, +1, ..., +N-1, seed-major (every variant at "
+                        "one seed before the next seed); the table shows mean ± std and the paired differences "
+                        "with their 95%% CI (default 1; >= 5 to resolve ~1 mIoU)")
     p.add_argument("--synth-train", type=int, default=None, metavar="N",
                    help="training images of the synthetic set (default: the pipeline's 300; a new --run-dir per size)")
     add_dataset_args(p, val=False)  # --voc-root etc.: a real VOC2012 instead of the synthetic set

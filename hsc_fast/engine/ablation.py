@@ -4,7 +4,16 @@
 VOC/SBD set and its shards ONCE, then for every variant trains the CAM network with the same
 config, budget and seed (only the loss switches differ), infers CAMs for the evaluation ids (the
 ids with VOC masks: ImageSets/Segmentation/train.txt), sweeps the background threshold and keeps
-the best seed mIoU. Results: RUN_DIR/ablation.json and RUN_DIR/ablation.md.
+the best seed mIoU (and the seeds' foreground precision / recall there). Results:
+RUN_DIR/ablation.json and RUN_DIR/ablation.md.
+
+Paired seeds (`--seeds N`: train.seed, +1, ..., +N-1). At one seed every variant trains on the
+same batches (the loader draws order and augmentation from generators keyed by (seed, epoch,
+rank, worker), never from the global RNG a loss may draw from) and starts from the same weights
+(each network part draws its init from its own stream: cam_trainer.part_init_seeds). The runs go
+seed-major (every variant at seed 0, then every variant at seed 1, ...), so a partial run already
+holds complete pairs; a variant's seed-to-seed spread then cancels in the paired differences
+(`paired_diff`: mean and 95 % paired-t interval of variant - reference over the shared seeds).
 
 The stage logic is the pipeline's (`hsc_fast.engine.pipeline.run_stage` with `stage_synth`,
 `stage_shard`, `stage_train_cam`, `stage_cam`, `stage_sweep`); each variant is a pipeline
@@ -31,8 +40,12 @@ import csv
 import functools
 import hashlib
 import json
+import math
 import os
+import platform
+import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -132,26 +145,90 @@ def replicate(variant: Variant, k: int, base_seed: int) -> Variant:
 
 
 def replicates(variants: Sequence[Variant], seeds: int, base_seed: int) -> list[Variant]:
-    return [replicate(v, k, base_seed) for v in variants for k in range(seeds)]
+    """Seed-major: every variant at the first seed, then every variant at the next one, ... (an
+    interrupted run holds complete pairs)."""
+    return [replicate(v, k, base_seed) for k in range(seeds) for v in variants]
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def _sample_std(values: Sequence[float]) -> float:
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+
+
+def _per_seed(group: Sequence[dict], key: str) -> list:
+    return [g.get(key) for g in group]
 
 
 def aggregate(results: Sequence[dict]) -> list[dict]:
-    """One row per ablation row: seed mIoU mean and sample std over its replicates (seeds), the
-    other numbers averaged; rows in first-seen order."""
+    """One row per ablation row (first-seen order): its runs in seed order as `per_seed` (seed
+    mIoU), `seeds`, mean and sample std; the seeds' foreground precision / recall per seed and
+    averaged; the other numbers averaged."""
     groups: dict[str, list] = {}
     for r in results:
         groups.setdefault(r.get("replicate_of") or r["variant"], []).append(r)
     rows = []
     for name, group in groups.items():
-        mious = [g["seed_miou"] for g in group]
-        mean = sum(mious) / len(mious)
-        std = (sum((m - mean) ** 2 for m in mious) / (len(mious) - 1)) ** 0.5 if len(mious) > 1 else 0.0
+        group = sorted(group, key=lambda g: g["seed"])
+        mious = _per_seed(group, "seed_miou")
         losses = [g["cls_loss_final"] for g in group if g.get("cls_loss_final") is not None]
-        rows.append(dict(group[0], variant=name, seed_miou=mean, seed_miou_std=std, n_seeds=len(group),
-                         seed_mious=mious, train_seconds=sum(g["train_seconds"] for g in group) / len(group),
-                         best_threshold=sum(g["best_threshold"] for g in group) / len(group),
-                         cls_loss_final=sum(losses) / len(losses) if losses else None))
+        fg = {f"{k}_per_seed": _per_seed(group, k) for k in ("fg_precision", "fg_recall", "best_threshold")}
+        rows.append({**{k: group[0][k] for k in ("title", "method", "baseline", "toggles", "paper_seed", "steps")},
+                     "variant": name, "seeds": _per_seed(group, "seed"), "per_seed": mious, "n": len(group),
+                     "mean": _mean(mious), "std": _sample_std(mious), **fg,
+                     "fg_precision": _mean([v for v in fg["fg_precision_per_seed"] if v is not None]),
+                     "fg_recall": _mean([v for v in fg["fg_recall_per_seed"] if v is not None]),
+                     "best_threshold": _mean(fg["best_threshold_per_seed"]),
+                     "train_seconds": _mean(_per_seed(group, "train_seconds")),
+                     "run_seconds": _mean([g["train_seconds"] + g["cam_seconds"] + g["sweep_seconds"] for g in group]),
+                     "cls_loss_final": _mean(losses)})
     return rows
+
+
+# ------------------------------------------------------------------------------ paired statistics
+def paired_diff(a: dict, b: dict) -> dict:
+    """Seed mIoU of ``a`` minus ``b`` ({seed: mIoU} each) over the seeds both have: mean, sample
+    sd, the 95 % paired-t interval mean +- t(0.975, n-1) sd / sqrt(n), scipy's ttest_rel p
+    (two-sided; the interval excludes 0 exactly when p < 0.05). ci95 / p need n >= 2 (and sd > 0 for p)."""
+    from scipy import stats
+    seeds = sorted(set(a) & set(b))
+    d = [a[s] - b[s] for s in seeds]
+    out = {"mean": _mean(d), "ci95": None, "n": len(d), "sd": None, "p_value": None, "seeds": seeds}
+    if len(d) >= 2:
+        sd = _sample_std(d)
+        half = float(stats.t.ppf(0.975, len(d) - 1)) * sd / math.sqrt(len(d))
+        out.update(sd=sd, ci95=[out["mean"] - half, out["mean"] + half])
+        if sd > 0:
+            out["p_value"] = float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+    return out
+
+
+def _switched_on(row: dict) -> set:
+    return {k for k, on in row["toggles"].items() if on}
+
+
+def compared_pairs(rows: Sequence[dict]) -> list[tuple[str, str]]:
+    """(variant, reference): every row against its baseline, and a row against the row before it
+    in its group when that one switches on a strict subset (one added component: +CSC on +PSC, ...)."""
+    names = {r["variant"] for r in rows}
+    pairs, previous = [], {}
+    for r in rows:
+        prev = previous.get(r["baseline"])
+        if r["variant"] != r["baseline"] and r["baseline"] in names:
+            pairs.append((r["variant"], r["baseline"]))
+            if prev is not None and prev["variant"] != r["baseline"] and _switched_on(prev) < _switched_on(r):
+                pairs.append((r["variant"], prev["variant"]))
+        previous[r["baseline"]] = r
+    return pairs
+
+
+def paired_diffs(rows: Sequence[dict]) -> list[dict]:
+    by_name = {r["variant"]: dict(zip(r["seeds"], r["per_seed"])) for r in rows}
+    return [{"variant": v, "reference": ref, "paired_diff": paired_diff(by_name[v], by_name[ref])}
+            for v, ref in compared_pairs(rows)]
 
 
 def variant_config(base: RunConfig, variant: Variant) -> RunConfig:
@@ -206,14 +283,15 @@ def final_loss(metrics_csv: Path, column: str = "cls", last: int = 20) -> Option
     return sum(values[-last:]) / len(values[-last:]) if values else None
 
 
-def make_result(variant: Variant, stages: dict, digest: str, max_steps: int,
+def make_result(variant: Variant, stages: dict, digest: str, max_steps: int, seed: int,
                 cls_final: Optional[float] = None) -> dict:
-    """One variant's row from its pipeline stage markers (train_cam, cam, sweep)."""
+    """One run's row (a variant at one train.seed) from its pipeline stage markers (train_cam, cam, sweep)."""
     best = stages["sweep"]["outputs"]["best"]
     return {"cls_loss_final": cls_final, "variant": variant.name, "title": variant.title, "method": variant.method,
             "baseline": variant.baseline, "toggles": variant.toggles(), "paper_seed": variant.paper_seed,
-            "replicate_of": variant.replicate_of or variant.name,
+            "replicate_of": variant.replicate_of or variant.name, "seed": seed,
             "seed_miou": float(best["miou"]), "best_threshold": float(best["threshold"]),
+            "fg_precision": best.get("fg_precision"), "fg_recall": best.get("fg_recall"),
             "train_seconds": float(stages["train_cam"]["seconds"]), "cam_seconds": float(stages["cam"]["seconds"]),
             "sweep_seconds": float(stages["sweep"]["seconds"]), "steps": max_steps, "config_digest": digest}
 
@@ -224,25 +302,27 @@ def completed_results(run_dir: Path, base_cfg: RunConfig, fresh: Sequence[dict],
     by_name = {r["variant"]: r for r in fresh}
     out = []
     for v in replicates(variants(), seeds, base_cfg.train.seed):
+        cfg = variant_config(base_cfg, v)
         if v.name not in by_name:
             try:
-                by_name[v.name] = load_result(run_dir, v, config_digest(variant_config(base_cfg, v)))
+                by_name[v.name] = load_result(run_dir, v, config_digest(cfg))
             except ConfigError:
                 by_name[v.name] = None  # measured with another config: not comparable, left out
         if by_name[v.name] is not None:
+            by_name[v.name].setdefault("seed", cfg.train.seed)   # results written before this field existed
             out.append(by_name[v.name])
     return out
 
 
-def gains(results: Sequence[dict]) -> dict:
-    """Seed mIoU of each variant minus its baseline's (where both were measured)."""
-    by_name = {r["variant"]: r for r in results}
-    return {r["variant"]: round(r["seed_miou"] - by_name[r["baseline"]]["seed_miou"], 2)
-            for r in results if r["baseline"] in by_name and r["variant"] != r["baseline"]}
+def gains(rows: Sequence[dict]) -> dict:
+    """Mean seed mIoU of each variant minus its baseline's (aggregate rows; where both were measured)."""
+    by_name = {r["variant"]: r for r in rows}
+    return {r["variant"]: round(r["mean"] - by_name[r["baseline"]]["mean"], 2)
+            for r in rows if r["baseline"] in by_name and r["variant"] != r["baseline"]}
 
 
-def goal_status(results: Sequence[dict]) -> dict:
-    g = gains(results)
+def goal_status(rows: Sequence[dict]) -> dict:
+    g = gains(rows)
     out = {"target_gain": GOAL_MIOU_GAIN}
     if "hsc_seam" in g:
         out.update(hsc_seam_gain=g["hsc_seam"], reached=g["hsc_seam"] >= GOAL_MIOU_GAIN)
@@ -258,47 +338,101 @@ def _mark(on: bool) -> str:
 
 
 def _miou_cell(r: dict) -> str:
-    if r.get("n_seeds", 1) > 1:
-        return f"{r['seed_miou']:.2f} ± {r['seed_miou_std']:.2f} (n={r['n_seeds']})"
-    return f"{r['seed_miou']:.2f}"
+    if r["n"] > 1:
+        return f"{r['mean']:.2f} ± {r['std']:.2f} (n={r['n']})"
+    return f"{r['mean']:.2f}"
 
 
-def markdown_table(results: Sequence[dict], meta: dict) -> str:
-    """ablation.md: one row per variant (table order; with --seeds N the mean ± sample std over
-    its N seeds), toggles as check marks, gains of the means vs baseline."""
-    results = aggregate(results)
-    g = gains(results)
+def _pct(x: Optional[float]) -> str:
+    return "" if x is None else f"{x:.1f}"
+
+
+def _pair_line(pair: dict, titles: dict) -> str:
+    d = pair["paired_diff"]
+    name = f"{titles[pair['variant']]} − {titles[pair['reference']]}"
+    if d["ci95"] is None:
+        return f"| {name} | {d['mean']:+.2f} | | {d['n']} | | needs >= 2 shared seeds |" if d["n"] else \
+               f"| {name} | | | 0 | | no shared seed |"
+    lo, hi = d["ci95"]
+    verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
+    p = "" if d["p_value"] is None else f"{d['p_value']:.3g}"
+    return f"| {name} | {d['mean']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {d['n']} | {p} | {verdict} |"
+
+
+def ci_sentence(pairs: Sequence[dict], titles: dict) -> str:
+    """Says, for each compared pair with an interval, whether its 95 % CI excludes 0."""
+    parts = []
+    for pair in pairs:
+        d = pair["paired_diff"]
+        if d["ci95"] is not None:
+            lo, hi = d["ci95"]
+            verb = "excludes" if lo > 0 or hi < 0 else "does not exclude"
+            parts.append(f"{titles[pair['variant']]} − {titles[pair['reference']]}: {d['mean']:+.2f} mIoU, "
+                         f"the 95 % CI [{lo:+.2f}, {hi:+.2f}] {verb} 0 (n = {d['n']} paired seeds)")
+    return ("; ".join(parts) + ".") if parts else "No pair has two shared seeds yet: no confidence interval."
+
+
+def markdown_table(rows: Sequence[dict], pairs: Sequence[dict], meta: dict) -> str:
+    """ablation.md: one row per variant (table order; mean ± sample std of the seed mIoU over its
+    seeds, the seeds' foreground precision / recall), then the paired differences with their CI."""
+    g = gains(rows)
     cols = [TOGGLE_NAMES[k] for k in TOGGLES]
-    head = (["variant", "method"] + cols +
-            ["seed mIoU", "vs baseline", "best threshold", "final cls loss", "train s", "paper (VOC train)"])
+    head = (["variant", "method"] + cols + ["seed mIoU", "vs baseline", "fg precision", "fg recall", "best threshold",
+                                            "final cls loss", "train s", "paper (VOC train)"])
     lines = [f"# Ablation: {meta.get('dataset', '')}", "",
              f"Command: `{meta.get('command', '')}`  ", f"Budget: {meta.get('budget', '')}  ",
-             f"Machine: {meta.get('machine', '')}  ", f"Total wall time: {meta.get('total_seconds', 0):.0f} s", "",
+             f"Machine: {meta.get('device', '')}; {meta.get('machine', '')}  ",
+             f"Commit: {meta.get('git_commit', '')}  ", f"Total wall time: {meta.get('total_seconds', 0):.0f} s", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
+    for r in rows:
         paper = "" if r.get("paper_seed") is None else f"{r['paper_seed']:.1f}"
         gain = f"{g[r['variant']]:+.2f}" if r["variant"] in g else ""
         row = ([r["title"], r["method"]] + [_mark(r["toggles"][k]) for k in TOGGLES] +
-               [_miou_cell(r), gain, f"{r['best_threshold']:.2f}", _num(r.get("cls_loss_final")),
-                f"{r['train_seconds']:.0f}", paper])
+               [_miou_cell(r), gain, _pct(r.get("fg_precision")), _pct(r.get("fg_recall")),
+                f"{r['best_threshold']:.2f}", _num(r.get("cls_loss_final")), f"{r['train_seconds']:.0f}", paper])
         lines.append("| " + " | ".join(row) + " |")
-    goal = goal_status(results)
-    if any(r.get("n_seeds", 1) > 1 for r in results):
-        lines += ["", "seed mIoU: mean ± sample standard deviation over the seeds (train.seed, train.seed + 1, ...); "
-                      "'vs baseline' compares the means."]
+    lines += ["", "seed mIoU: mean ± sample standard deviation over the seeds (train.seed, +1, ...); fg precision / "
+                  "recall (%): the seeds' foreground (any non-background class) at the best threshold, averaged "
+                  "over the seeds (low precision: over-activation; low recall: under-activation)."]
+    titles = {r["variant"]: r["title"] for r in rows}
+    if pairs:
+        lines += ["", "## Paired differences (same seeds)", "",
+                  "| pair | mean diff | 95 % CI (paired t) | n | p (ttest_rel) | CI |", "|---|---|---|---|---|---|"]
+        lines += [_pair_line(p, titles) for p in pairs]
+        lines += ["", ci_sentence(pairs, titles)]
+    goal = goal_status(rows)
     if "hsc_seam_gain" in goal:
         lines += ["", f"Goal (full HSC >= SEAM + {GOAL_MIOU_GAIN:g} mIoU): "
                       f"{'reached' if goal['reached'] else 'NOT reached'} ({goal['hsc_seam_gain']:+.2f})."]
     return "\n".join(lines) + "\n"
 
 
+_ABS_PATH = re.compile(r"(?<![\w.~:/])/[^\s,;:'\"()\[\]]+")
+
+
+def relative_paths(value, run_dir: Path):
+    """Every absolute path inside the strings of ``value`` rewritten relative to ``run_dir`` (the
+    results must not name a folder of the machine that made them)."""
+    if isinstance(value, dict):
+        return {k: relative_paths(v, run_dir) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_paths(v, run_dir) for v in value]
+    if isinstance(value, str):
+        return _ABS_PATH.sub(lambda m: os.path.relpath(m.group(0), run_dir), value)
+    return value
+
+
 def write_outputs(run_dir: Path, results: Sequence[dict], meta: dict) -> tuple[Path, Path]:
+    """RUN_DIR/ablation.json (schema: docs ablation) and ablation.md; paths relative to RUN_DIR."""
     from hsc_fast.io import write_json
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     js, md = run_dir / "ablation.json", run_dir / "ablation.md"
     rows = aggregate(results)
-    write_json(js, {**meta, "goal": goal_status(rows), "gains": gains(rows), "rows": rows, "variants": list(results)})
-    md.write_text(markdown_table(results, meta))
+    pairs = paired_diffs(rows)
+    data = relative_paths({"schema": 2, **meta, "goal": goal_status(rows), "gains": gains(rows), "rows": rows,
+                           "pairs": pairs, "runs": list(results)}, run_dir)
+    write_json(js, data)
+    md.write_text(markdown_table(data["rows"], data["pairs"], data))
     return js, md
 
 
@@ -348,7 +482,7 @@ def run_variant(root, variant: Variant, cfg: RunConfig, digest: str, force: bool
     if root.rank != 0:
         wait_for_marker(ctx, "sweep")
     stages = {s: json.loads(marker(ctx, s).read_text()) for s in ("train_cam", "cam", "sweep")}
-    result = make_result(variant, stages, digest, cfg.train.max_steps,
+    result = make_result(variant, stages, digest, cfg.train.max_steps, cfg.train.seed,
                          cls_final=final_loss(ctx.path("cam", "metrics.csv")))
     if root.rank == 0:
         from hsc_fast.io import write_json
@@ -361,6 +495,34 @@ def budget_text(cfg: RunConfig) -> str:
             f"{cfg.train.max_steps} steps x batch {cfg.data.batch_size}, crop {cfg.data.crop_size} px, "
             f"view 2 {cfg.data.view2_size} px, lr {cfg.optim.lr}, seed {cfg.train.seed}, "
             f"CAM scales {cfg.seeds.scales} flip {cfg.seeds.flip}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_text(device) -> str:
+    import torch
+    if getattr(device, "type", "cpu") == "cuda" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(device)} (CPU {cpu_model()})"
+    return f"CPU {cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+
+
+def versions() -> dict:
+    import numpy
+    import scipy
+    import torch
+    from hsc_fast.engine.runlog import _version
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+            "scipy": scipy.__version__, "timm": _version("timm"), "hsc_fast": _version("hsc_fast"),
+            "platform": platform.platform()}
 
 
 def machine_text() -> str:
@@ -400,6 +562,7 @@ def run_ablation(root, base_cfg: RunConfig, variants: Sequence[Variant], force: 
         digest = config_digest(cfg)
         done = None if force else load_result(root.run_dir, variant, digest)
         if done is not None:
+            done.setdefault("seed", cfg.train.seed)   # results written before this field existed
             log(f"[ablation] {variant.name}: complete (seed mIoU {done['seed_miou']:.2f}), skipped")
             results.append(done)
             continue
@@ -411,7 +574,9 @@ def run_ablation(root, base_cfg: RunConfig, variants: Sequence[Variant], force: 
     results = completed_results(root.run_dir, base_cfg, results, seeds)
     from hsc_fast.engine.runlog import git_sha
     meta = {"command": command, "dataset": root.data.name, "budget": budget_text(base_cfg), "git_commit": git_sha(),
-            "seeds": seeds, "synth": dict(root.synth) if root.data.name.startswith("synthetic") else None,
+            "seeds": seeds, "seed_list": [base_cfg.train.seed + k for k in range(seeds)],
+            "synth": dict(root.synth) if root.data.name.startswith("synthetic") else None,
+            "device": device_text(root.device), "versions": versions(),
             "machine": f"start: {machine_start}; end: {machine_text()}",
             "total_seconds": time.perf_counter() - t0,
             "note": "total_seconds covers this invocation only (skipped variants cost nothing)"}

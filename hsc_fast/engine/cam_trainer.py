@@ -181,11 +181,20 @@ class DataStream(EpochStream):
 # ----------------------------------------------------------------------------------------------
 # The CAM trainer
 # ----------------------------------------------------------------------------------------------
+def part_init_seeds(seed: int) -> dict:
+    """One init seed per network part (cam_net.INIT_PARTS), from train.seed alone: every loss
+    method trains from the same initial weights at the same seed, whichever parts it builds
+    (the paired ablation, engine.ablation)."""
+    from hsc_fast.data.loader import _seed
+    from hsc_fast.models.cam_net import INIT_PARTS
+    return {part: _seed(seed, i, 4) for i, part in enumerate(INIT_PARTS)}
+
+
 def build_train_model(cfg: RunConfig, device: torch.device, channels_last: bool, log_info) -> torch.nn.Module:
     """The CAM network in training mode on ``device``, with ``model.weights`` loaded (or random init
-    when ``model.allow_random_init``: ConfigError otherwise)."""
+    when ``model.allow_random_init``: ConfigError otherwise); random init per part_init_seeds."""
     from hsc_fast.models import build_cam_model
-    model = build_cam_model(cfg.model)
+    model = build_cam_model(cfg.model, init_seeds=part_init_seeds(cfg.train.seed))
     if cfg.model.weights:
         report = model.load_pretrained(cfg.model.weights)
         log_info("pretrained weights: %s", getattr(report, "summary", lambda: report)())

@@ -138,6 +138,18 @@ def miou_from_confusion(conf: np.ndarray, average: str = "present") -> np.ndarra
     return np.where(n > 0, np.nansum(iou, axis=-1) / np.maximum(n, 1), np.nan)
 
 
+def foreground_precision_recall(conf: np.ndarray) -> tuple[Optional[float], Optional[float]]:
+    """Foreground (any class but background 0) taken as one class, in percent: precision = TP_fg /
+    predicted foreground pixels (low: over-activation), recall = TP_fg / ground-truth foreground
+    pixels (low: under-activation); a pixel of gt class a predicted as class b != a counts as TP_fg.
+    Void predictions (255) are not foreground. None where a denominator is 0."""
+    conf = np.asarray(conf, dtype=np.float64)
+    n = _n_classes_of(conf)
+    tp = conf[1:, 1:n].sum()
+    pred_fg, gt_fg = conf[:, 1:n].sum(), conf[1:, :].sum()
+    return (float(tp / pred_fg * 100) if pred_fg else None, float(tp / gt_fg * 100) if gt_fg else None)
+
+
 # ------------------------------------------------------------------------------------ CAM files
 
 def _check_cam_items(items: list, where: str, classes: ClassSet) -> tuple[np.ndarray, np.ndarray]:
@@ -444,9 +456,12 @@ def _result_dict(conf: np.ndarray, counts: dict, average: str = "present", class
         raise DataError(f"confusion of shape {conf.shape}: expected {confusion_shape(classes)} "
                         f"for class set {classes.name!r}")
     iou, present = iou_from_confusion(conf)
+    fg_precision, fg_recall = foreground_precision_recall(conf)
     return {
         "miou": float(miou_from_confusion(conf, average) * 100),
         "average": average,
+        "fg_precision": fg_precision,
+        "fg_recall": fg_recall,
         "iou": {name: (float(iou[i] * 100) if present[i] else None) for i, name in enumerate(classes.label_names)},
         "n_images": counts["ok"] + counts["missing_pred"],
         "n_missing_pred": counts["missing_pred"],
@@ -464,9 +479,10 @@ def evaluate(gt_dir, *, pred_dir=None, cam_dir=None, ids: Optional[Sequence[str]
     (DataError naming the file and the value otherwise), CAM keys 0..K-1, and "iou" has its K+1
     label names (0 = background) in index order.
 
-    Returns {"miou", "iou", "n_images", "n_missing_pred", "n_missing_gt", "confusion"} (percent);
-    for a sweep the top-level metrics are those at the best threshold, plus "curve" (list of
-    {"threshold", "miou"}) and "best" ({"threshold", "miou", "n_missing_pred"}). Ties pick the
+    Returns {"miou", "fg_precision", "fg_recall", "iou", "n_images", "n_missing_pred", "n_missing_gt",
+    "confusion"} (percent; fg_*: foreground_precision_recall); for a sweep the top-level metrics
+    are those at the best threshold, plus "curve" (list of {"threshold", "miou"}) and "best"
+    ({"threshold", "miou", "fg_precision", "fg_recall", "n_missing_pred"}). Ties pick the
     lowest threshold. ``average``: the mIoU rule (see the module doc). NothingEvaluatedError (a
     DataError) before any work when no id has both a ground truth and a prediction, and after it
     if none turned out to be evaluable.
@@ -505,6 +521,7 @@ def evaluate(gt_dir, *, pred_dir=None, cam_dir=None, ids: Optional[Sequence[str]
     result = _result_dict(total[best], counts, average, classes)
     result["curve"] = [{"threshold": round(float(t), 6), "miou": float(m)} for t, m in zip(job.thresholds, mious)]
     result["best"] = {"threshold": round(float(job.thresholds[best]), 6), "miou": float(mious[best]),
+                      "fg_precision": result["fg_precision"], "fg_recall": result["fg_recall"],
                       "n_missing_pred": counts["missing_pred"]}
     return result
 

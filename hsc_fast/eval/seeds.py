@@ -490,7 +490,7 @@ def sweep_to_peak(sweep, thresholds: str, log=print) -> dict:
         a, b = min(a, lo), max(b, hi)
     best = max(curve, key=lambda c: (c["miou"], -c["threshold"]))
     holder = next(p for p in parts if p["best"]["threshold"] == best["threshold"] and p["best"]["miou"] == best["miou"])
-    return dict(holder, curve=curve, best=dict(best),
+    return dict(holder, curve=curve, best=dict(holder["best"]),  # its fg precision / recall too
                 sweep={"requested": thresholds, "range": _range_text(a, b, step), "extensions": extensions})
 
 

@@ -25,9 +25,10 @@ Official behaviour reproduced (network/resnet38_eps_seam_hsc.py of HSC_WSSS):
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -41,6 +42,9 @@ from hsc_fast.models.mxnet_params import read_mxnet_params
 
 PCM_CONV4_DIM, PCM_CONV5_DIM, PCM_OUT_DIM = 64, 128, 192
 RSC_PROJ_KINDS = ("official", "paper")
+# The parts whose random init can draw from a stream of its own (`init_seeds`), in a fixed order:
+# with one seed per part, a part's initial weights never depend on which other parts exist.
+INIT_PARTS = ("backbone", "cam_head", "pcm", "psc_proj", "rsc_proj")
 # The authors' flat parameter names of the heads -> ours (their checkpoints load as they are).
 OFFICIAL_HEAD_ALIASES = {
     "fc8.": "cam_head.", "f8_3.": "pcm.conv4_proj.", "f8_4.": "pcm.conv5_proj.", "f9.": "pcm.fuse.",
@@ -131,6 +135,18 @@ def make_rsc_projector(c_in: int, dim: int, kind: str) -> nn.Sequential:
     raise ConfigError(f"config key 'model.rsc_proj': {kind!r} is not one of {', '.join(RSC_PROJ_KINDS)}")
 
 
+@contextmanager
+def init_stream(init_seeds: Optional[Mapping[str, int]], part: str):
+    """Modules built inside draw their random init from ``init_seeds[part]``; the global RNG is
+    left as it was (None: the global RNG, as torch does)."""
+    if init_seeds is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(init_seeds[part]))
+        yield
+
+
 # ------------------------------------------------------------------------------------------------
 # The network
 # ------------------------------------------------------------------------------------------------
@@ -140,15 +156,19 @@ class CamNet(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int = 21, pcm: bool = True,
                  projectors: bool = True, rsc_proj: str = "official", rsc_dim: int = 256,
                  psc_dim: int = 128, frozen_bn: bool = True, freeze_stem: bool = True,
-                 proj_lr_quirk: bool = True):
+                 proj_lr_quirk: bool = True, init_seeds: Optional[Mapping[str, int]] = None):
         super().__init__()
         ch = backbone.out_channels
         self.backbone = backbone
-        self.cam_head = nn.Conv2d(ch["conv6"], num_classes, 1, bias=False)
-        nn.init.xavier_uniform_(self.cam_head.weight)
-        self.pcm = PixelCorrelation(ch["conv4"], ch["conv5"]) if pcm else None
-        self.psc_proj = make_psc_projector(ch["conv6"], psc_dim) if projectors else None
-        self.rsc_proj = make_rsc_projector(ch["conv6"], rsc_dim, rsc_proj) if projectors else None
+        with init_stream(init_seeds, "cam_head"):
+            self.cam_head = nn.Conv2d(ch["conv6"], num_classes, 1, bias=False)
+            nn.init.xavier_uniform_(self.cam_head.weight)
+        with init_stream(init_seeds, "pcm"):
+            self.pcm = PixelCorrelation(ch["conv4"], ch["conv5"]) if pcm else None
+        with init_stream(init_seeds, "psc_proj"):
+            self.psc_proj = make_psc_projector(ch["conv6"], psc_dim) if projectors else None
+        with init_stream(init_seeds, "rsc_proj"):
+            self.rsc_proj = make_rsc_projector(ch["conv6"], rsc_dim, rsc_proj) if projectors else None
         self.frozen_bn = frozen_bn
         self.freeze_stem = freeze_stem
         self.proj_lr_quirk = proj_lr_quirk
@@ -337,8 +357,10 @@ def load_pretrained(model: CamNet, path) -> LoadReport:
     return report
 
 
-def build_cam_model(model_cfg: ModelConfig, load_weights: bool = True) -> CamNet:
-    """ModelConfig -> CamNet, with `model_cfg.weights` loaded when load_weights.
+def build_cam_model(model_cfg: ModelConfig, load_weights: bool = True,
+                    init_seeds: Optional[Mapping[str, int]] = None) -> CamNet:
+    """ModelConfig -> CamNet, with `model_cfg.weights` loaded when load_weights; ``init_seeds``
+    (one seed per INIT_PARTS name) gives each part's random init a stream of its own.
 
     With load_weights and no weights file, `model.allow_random_init` must be set (guards against
     training from random init by mistake); pass load_weights=False to load a checkpoint yourself.
@@ -346,10 +368,12 @@ def build_cam_model(model_cfg: ModelConfig, load_weights: bool = True) -> CamNet
     num_classes = cam_channels(model_cfg)
     if num_classes < 2:
         raise ConfigError(f"config key 'model.num_classes': need >= 2 (fg + bg), got {model_cfg.num_classes}")
-    model = CamNet(build_backbone(model_cfg.backbone, model_cfg.width_div), num_classes=num_classes,
+    with init_stream(init_seeds, "backbone"):
+        backbone = build_backbone(model_cfg.backbone, model_cfg.width_div)
+    model = CamNet(backbone, num_classes=num_classes,
                    pcm=model_cfg.pcm, projectors=model_cfg.projectors, rsc_proj=model_cfg.rsc_proj,
                    rsc_dim=model_cfg.rsc_dim, psc_dim=model_cfg.psc_dim, frozen_bn=model_cfg.frozen_bn,
-                   freeze_stem=model_cfg.freeze_stem, proj_lr_quirk=model_cfg.proj_lr_quirk)
+                   freeze_stem=model_cfg.freeze_stem, proj_lr_quirk=model_cfg.proj_lr_quirk, init_seeds=init_seeds)
     if load_weights:
         if model_cfg.weights:
             model.load_pretrained(model_cfg.weights)

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from hsc_fast.errors import DataError
-from hsc_fast.eval.evaluate import evaluate, parse_thresholds, read_cam_file, seeds_from_cams
+from hsc_fast.eval.evaluate import (confusion_matrix, evaluate, foreground_precision_recall, parse_thresholds,
+                                    read_cam_file, seeds_from_cams)
 from hsc_fast.cli.evaluate import run as main
 from hsc_fast.eval.seeds import save_cam_file
 from hsc_fast.data.voc import read_label_png, write_label_png
@@ -164,6 +165,30 @@ def test_sweep_equals_per_threshold_evaluation(gt_dir, tmp_path, fmt):
         assert point["miou"] == pytest.approx(single["miou"], abs=1e-9), t
     best = max(res["curve"], key=lambda c: c["miou"])
     assert res["best"]["miou"] == best["miou"] and res["miou"] == pytest.approx(best["miou"])
+    # foreground precision / recall of the seeds at the best threshold, counted by hand
+    t = np.float32(res["best"]["threshold"])
+    tp = pred_fg = gt_fg = 0
+    for k, (keys, cams) in stored.items():
+        stack = np.concatenate([np.full((1,) + cams.shape[1:], t, np.float32), cams])
+        seed = np.concatenate([[0], keys + 1])[stack.argmax(0)]
+        valid = gts[k] != 255
+        tp += np.sum(valid & (gts[k] > 0) & (seed > 0))
+        pred_fg += np.sum(valid & (seed > 0))
+        gt_fg += np.sum(valid & (gts[k] > 0))
+    assert res["best"]["fg_precision"] == pytest.approx(100 * tp / pred_fg, abs=1e-9)
+    assert res["best"]["fg_recall"] == pytest.approx(100 * tp / gt_fg, abs=1e-9)
+    assert 0 < tp < min(pred_fg, gt_fg)                  # neither ratio is trivially 0 or 100
+
+
+def test_foreground_precision_recall_by_hand():
+    """fg = any class but 0: a wrong fg class still counts as fg; void predictions are not fg; gt 255 ignored."""
+    gt = np.array([[0, 0, 0, 1], [1, 1, 2, 2], [2, 255, 0, 3]], np.uint8)
+    pred = np.array([[0, 1, 5, 1], [0, 2, 2, 255], [2, 7, 0, 0]], np.uint8)
+    # predicted fg (gt not 255): (0,1) (0,2) (0,3) (1,1) (1,2) (2,0) = 6; gt fg: (0,3) (1,0..3) (2,0) (2,3) = 7;
+    # both: (0,3) (1,1) (1,2) (2,0) = 4
+    precision, recall = foreground_precision_recall(confusion_matrix(gt, pred))
+    assert precision == pytest.approx(100 * 4 / 6) and recall == pytest.approx(100 * 4 / 7)
+    assert foreground_precision_recall(confusion_matrix(gt * 0, pred * 0)) == (None, None)
 
 
 def test_cam_file_round_trip_and_seeds(tmp_path):
