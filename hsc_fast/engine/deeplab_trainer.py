@@ -3,17 +3,19 @@
     python launch/train_deeplab.py --config deeplab --run-dir runs/dl --images VOC2012 \\
         --sbd-root SBD --labels runs/seeds/pseudo_labels --train-list train_aug.txt --eval-list val.txt
 
-Training (`train_deeplab`): DeepLab (hsc_fast.models.deeplab, frozen BatchNorm) wrapped in a
-DeepSpeed engine exactly like CAM training (`train.ds_config`: ZeRO stage, bf16, gradient
-accumulation, clipping), SGD over the backbone (lr) and head (10x lr) groups with momentum,
-poly decay over `deeplab.max_steps`, pixel cross-entropy ignoring 255. Each rank reads its own
+Training (`train_deeplab`): DeepLab (hsc_fast.models.deeplab) wrapped in a DeepSpeed engine
+exactly like CAM training (`train.ds_config`: ZeRO stage, bf16, gradient accumulation, clipping),
+SGD with momentum over `deeplab.lr_groups` (the authors': conv weights 1x / biases 2x / head
+weights 10x / head biases 20x, no decay on biases, BatchNorm parameters not optimised while BN
+runs on batch statistics), poly decay over `deeplab.max_steps` (+1 with `poly_plus_one`), pixel
+cross-entropy ignoring 255. Each rank reads its own
 batches of one shared per-epoch permutation (`segmentation.epoch_batches`); a sample's
 augmentation depends on (seed, epoch, index) only, so a resumed run continues bitwise (CPU,
 `train.deterministic`). The run dir is the CAM run's layout: config.yaml, env.json,
 metrics.csv, tb/, logs/, atomic checkpoints/step_N (`--resume auto`), final/model.pt.
 
 Evaluation (`evaluate_deeplab`): rank r predicts ids[r::world] -- multi-scale (`deeplab.test_scales`)
-+ flip softmax, argmax -> RUN_DIR/pred/{id}.png (VOC palette); with `crf` the dense CRF of `deeplab.crf`
++ flip, fused by `deeplab.test_fusion` (the authors: softmax of the mean logits), argmax -> RUN_DIR/pred/{id}.png (VOC palette); with `crf` the dense CRF of `deeplab.crf`
 (default the DEEPLAB_TEST preset) on the same probabilities -> RUN_DIR/pred_crf/; then `hsc_fast.eval.evaluate` (confusions all-reduced)
 -> RUN_DIR/eval.json (+ eval_crf.json).
 
@@ -61,6 +63,10 @@ def check_deeplab_config(cfg: RunConfig) -> None:
                           f"got {dl.scale_range}")
     if not dl.test_scales or not all(isinstance(v, (int, float)) and v > 0 for v in dl.test_scales):
         raise ConfigError(f"config key 'deeplab.test_scales': expected positive numbers, got {dl.test_scales}")
+    if len(dl.hsv_jitter) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+                                          for v in dl.hsv_jitter):
+        raise ConfigError(f"config key 'deeplab.hsv_jitter': expected three integers [h, s, v] in 0..255, "
+                          f"got {dl.hsv_jitter}")
     from hsc_fast.crf import available_backends
     if dl.crf.backend not in available_backends():
         raise ConfigError(f"config key 'deeplab.crf.backend': {dl.crf.backend!r} is not one of "
@@ -77,10 +83,12 @@ def deeplab_ds_config(cfg: RunConfig, world_size: int, path: Optional[str] = Non
 
 
 def deeplab_optim_config(cfg: RunConfig) -> OptimConfig:
-    """The reference recipe: plain SGD with momentum (no official CAM quirks), poly over max_steps."""
+    """The reference recipe: plain SGD with momentum (no official CAM quirks), poly over max_steps
+    (+ 1 with poly_plus_one: the authors' `(1 - itr / (max_itr + 1)) ** power`)."""
     dl = cfg.deeplab
     return OptimConfig(lr=dl.lr, weight_decay=dl.weight_decay, momentum=dl.momentum,
-                       official_momentum_quirk=False, poly_power=dl.poly_power, poly_steps=dl.max_steps)
+                       official_momentum_quirk=False, poly_power=dl.poly_power,
+                       poly_steps=dl.max_steps + (1 if dl.poly_plus_one else 0))
 
 
 def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -130,7 +138,8 @@ def build_train_set(cfg: RunConfig, images: str, labels_dir: str, train_ids: Seq
         raise DataError(f"{len(no_image)} training id(s) have no image in {images}: e.g. {no_image[:5]}")
     dl = cfg.deeplab
     return SegTrainSet(train_ids, reader, labels_dir, crop=dl.crop_size, scale_range=dl.scale_range,
-                       flip=dl.flip, seed=cfg.train.seed, classes=run_class_set(cfg))
+                       flip=dl.flip, seed=cfg.train.seed, classes=run_class_set(cfg), hsv=dl.hsv_jitter,
+                       interp=dl.scale_interp, placement=dl.crop_placement)
 
 
 # ---------------------------------------------------------------------------------- trainer
@@ -203,7 +212,7 @@ class DeeplabTrainer(LabelMapLoop):
         self._setup(cfg, run_dir, info, ds_config if ds_config is not None else deeplab_ds_config(cfg, info.world_size),
                     log)
         model = build_deeplab(cfg.deeplab, run_class_set(cfg).num_classes)  # WeightsError without the ImageNet file
-        model.to(self.device).train()       # train() freezes the backbone BatchNorm first
+        model.to(self.device).train()       # with frozen_bn, train() freezes the backbone BatchNorm first
         self._wrap_engine(model, deeplab_optim_config(cfg))
         self.autocast = bool(cfg.train.bf16_autocast and self.device.type == "cuda" and not self.engine_bf16)
         self._seed_rank_streams()  # v3 dropout
@@ -262,15 +271,14 @@ def resolve_model_file(run_dir, checkpoint: Optional[str]) -> tuple[Path, str]:
 
 def load_deeplab_for_eval(cfg: RunConfig, run_dir, checkpoint: Optional[str], device) -> torch.nn.Module:
     """The trained network (no ImageNet file needed: every weight comes from the checkpoint)."""
-    from hsc_fast.models.deeplab import DeepLab
+    from hsc_fast.models.deeplab import deeplab_from_config
     path, key = resolve_model_file(run_dir, checkpoint)
     state = ckpt.safe_load(path)
     if key:
         state = state.get(key) if isinstance(state, dict) else None
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a state dict{f' under {key!r}' if key else ''}")
-    model = DeepLab(cfg.deeplab.backbone, cfg.deeplab.head, num_classes=run_class_set(cfg).num_classes,
-                    frozen_bn=cfg.deeplab.frozen_bn)
+    model = deeplab_from_config(cfg.deeplab, run_class_set(cfg).num_classes)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -293,10 +301,13 @@ def _bar(total: int, desc: str, enabled: bool):
 def predict_to_pngs(model: torch.nn.Module, read_image: Callable[[str], np.ndarray], ids: Sequence[str],
                     out_dir, *, scales: Sequence[float], flip: bool = True, device="cpu",
                     crf_dir=None, crf_backend: str = "pydensecrf", crf_params: Optional[dict] = None,
-                    crf_workers: int = 1, progress: bool = False, classes=None) -> int:
+                    crf_workers: int = 1, progress: bool = False, classes=None, predict_kw: Optional[dict] = None,
+                    crf_image_mode: str = "original") -> int:
     """Predict `ids` (all of them: split ids before calling) into palette PNGs in `out_dir`; with
     `crf_dir` also the dense-CRF labels there (`crf_params`: deeplab.crf.params(), default the
-    DEEPLAB_TEST preset). Returns the number of images."""
+    DEEPLAB_TEST preset) on `crf_image(img, crf_image_mode)`. `predict_kw`: predict_probs keywords
+    (fusion, resize, align_corners, amp; `predict_options(cfg)`). Returns the number of images."""
+    from hsc_fast.data.seg_set import crf_image
     from hsc_fast.crf import DEEPLAB_TEST, CrfParams, crf_imap
     crf_kwargs = CrfParams(**crf_params).kwargs() if crf_params is not None else DEEPLAB_TEST.kwargs()
     out_dir = Path(out_dir)
@@ -306,10 +317,10 @@ def predict_to_pngs(model: torch.nn.Module, read_image: Callable[[str], np.ndarr
     def predicted():
         for key in ids:
             img = read_image(key)
-            probs = predict_probs(model, img, scales=scales, flip=flip, device=device)
+            probs = predict_probs(model, img, scales=scales, flip=flip, device=device, **(predict_kw or {}))
             _write_png_atomic(out_dir / f"{key}.png", probs.argmax(0).to(torch.uint8).numpy(), classes)
             bar.update(1)
-            yield key, img, probs.numpy()
+            yield key, crf_image(img, crf_image_mode) if crf_dir is not None else img, probs.numpy()
 
     n = 0
     if crf_dir is None:
@@ -331,6 +342,13 @@ def predict_to_pngs(model: torch.nn.Module, read_image: Callable[[str], np.ndarr
             n += 1
     bar.close()
     return n
+
+
+def predict_options(cfg: RunConfig) -> dict:
+    """The predict_probs keywords of `deeplab.*` (test_fusion, test_resize, align_corners, test_bf16)."""
+    dl = cfg.deeplab
+    return {"fusion": dl.test_fusion, "resize": dl.test_resize, "align_corners": dl.align_corners,
+            "amp": dl.test_bf16}
 
 
 def evaluate_deeplab(cfg: RunConfig, run_dir, *, images: str, gt_dir: str, eval_ids: Sequence[str],
@@ -356,7 +374,8 @@ def evaluate_deeplab(cfg: RunConfig, run_dir, *, images: str, gt_dir: str, eval_
         predict_to_pngs(model, reader, mine, pred_dir, scales=cfg.deeplab.test_scales, flip=cfg.deeplab.test_flip,
                         device=info.device, crf_dir=crf_dir, crf_backend=cfg.deeplab.crf.backend,
                         crf_params=cfg.deeplab.crf.params(), crf_workers=max(1, cfg.data.workers),
-                        progress=progress and info.is_main, classes=classes)
+                        progress=progress and info.is_main, classes=classes, predict_kw=predict_options(cfg),
+                        crf_image_mode=cfg.deeplab.crf_image)
         D.barrier()  # every prediction is on disk before anyone scores
         results = {"plain": evaluate(gt_dir, pred_dir=pred_dir, ids=list(eval_ids), classes=classes), "crf": None}
         if crf:

@@ -83,3 +83,34 @@ def build_backbone(name: str, width_div: int = 1) -> nn.Module:
     if name in TORCHVISION_BACKBONES:
         return TorchvisionResNet(name)
     raise ConfigError(f"model.backbone: {name!r} is not one of {', '.join(BACKBONES)}")
+
+
+# ------------------------------------------------------------------------------------- resnet101s
+# The "deep-base" ResNet-101 of PyTorch-Encoding ('resnet101s'), the ImageNet network behind the
+# authors' DeepLab (HSC `segmentation/`). Its ImageNet file is PyTorch-Encoding's
+# `resnet101s-03a0f310.pth` (unzipped from resnet101s-03a0f310.zip); its keys are those of this
+# module: conv1.{0,1,3,4,6}.*, bn1.*, layer1..layer4.*, plus fc.* (the ImageNet classifier).
+RESNET101S_FILE = "resnet101s-03a0f310.pth"
+
+
+def deep_base_resnet101(dilated: bool = True) -> nn.Module:
+    """torchvision's ResNet-101 with the deep-base stem: three 3x3 convs (3->64 stride 2, 64->64,
+    64->128) in `conv1`, bn1 over 128 channels, layer1 taking 128 channels. dilated: layer3 /
+    layer4 dilated 2 / 4 instead of strided (output stride 8; the first block of a layer keeps the
+    previous dilation, as PyTorch-Encoding and torchvision both do)."""
+    net = torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, dilated, dilated])
+    stem_width = 64
+    net.conv1 = nn.Sequential(
+        nn.Conv2d(3, stem_width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(stem_width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(stem_width, stem_width, 3, padding=1, bias=False), nn.BatchNorm2d(stem_width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(stem_width, 2 * stem_width, 3, padding=1, bias=False))
+    net.bn1 = nn.BatchNorm2d(2 * stem_width)
+    first = net.layer1[0]   # its 1x1 conv and its projection read the 128-channel stem
+    first.conv1 = nn.Conv2d(2 * stem_width, first.conv1.out_channels, 1, bias=False)
+    first.downsample[0] = nn.Conv2d(2 * stem_width, first.downsample[0].out_channels, 1, bias=False)
+    for m in net.modules():   # the same init torchvision gives its own convs
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net

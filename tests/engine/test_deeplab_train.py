@@ -303,7 +303,7 @@ def test_perfect_model_scores_100_miou_through_pngs(tmp_path):
 
 
 def test_evaluate_deeplab_writes_predictions_crf_and_json(synth, group, tmp_path):
-    from hsc_fast.engine.deeplab_trainer import DeeplabTrainer, evaluate_deeplab, load_deeplab_for_eval
+    from hsc_fast.engine.deeplab_trainer import DeeplabTrainer, evaluate_deeplab, load_deeplab_for_eval, predict_options
     from hsc_fast.eval.evaluate import evaluate
     cfg = tiny_cfg(synth)
     run = tmp_path / "run"
@@ -314,7 +314,8 @@ def test_evaluate_deeplab_writes_predictions_crf_and_json(synth, group, tmp_path
     res = evaluate_deeplab(cfg, run, images=str(synth["root"]), gt_dir=str(synth["gt"]), eval_ids=ids, crf=True)
     model = load_deeplab_for_eval(cfg, run, None, "cpu")
     img = FolderImageReader(str(synth["root"]))(ids[0])
-    expect = predict_probs(model, img, scales=cfg.deeplab.test_scales, flip=True).argmax(0).numpy()
+    expect = predict_probs(model, img, scales=cfg.deeplab.test_scales, flip=True,
+                           **predict_options(cfg)).argmax(0).numpy()
     assert np.array_equal(read_label_png(run / "pred" / f"{ids[0]}.png"), expect)
     for sub in ("pred", "pred_crf"):
         assert sorted(p.stem for p in (run / sub).glob("*.png")) == sorted(ids)
