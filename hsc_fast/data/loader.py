@@ -259,7 +259,7 @@ def _fail_on_empty_shards(urls: Iterator[dict], read) -> Iterator[dict]:
             opened[0] += 1
             if opened[0] > MAX_EMPTY_SHARDS:
                 raise DataError(f"{MAX_EMPTY_SHARDS} shards in a row gave no sample (last: {url.get('url')}): "
-                                "are the shards empty or unreadable? (python -m hsc_fast.cli.shard --verify DIR)")
+                                "are the shards empty or unreadable? (python -m hsc_fast.shard --verify DIR)")
             yield url
 
     for sample in read(counted()):
