@@ -535,9 +535,11 @@ _CHOICES = {
 }
 
 
-def apply_class_set(cfg: RunConfig, classes) -> None:
-    """Record a run's resolved class set: ``data.classes`` names it, ``model.num_classes`` = K+1.
-    A ``data.classes`` or ``model.num_classes`` set to something else is an error naming the key."""
+def apply_class_set(cfg: RunConfig, classes, recorded_in=None) -> None:
+    """Record a run's resolved class set: ``data.classes`` names it (a custom set: the file
+    ``recorded_in`` that holds it, a classes.json or shard index.json, so later stages can resolve
+    it), ``model.num_classes`` = K+1. A ``data.classes`` or ``model.num_classes`` set to something
+    else is an error naming the key."""
     from hsc_fast.classes import BUILTIN
     spec = str(cfg.data.classes)
     if spec != "auto":
@@ -555,7 +557,7 @@ def apply_class_set(cfg: RunConfig, classes) -> None:
                           f"{classes.name!r} has {classes.num_classes} (K+1; set 0 to follow data.classes)")
     if spec == "auto":
         named = classes.name in BUILTIN or classes.name.startswith("synthetic:")
-        cfg.data.classes = classes.name if named else spec  # a custom set: RUN_DIR/classes.json holds it
+        cfg.data.classes = classes.name if named else str(recorded_in or spec)
     cfg.model.num_classes = classes.num_classes
 
 

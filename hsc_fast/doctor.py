@@ -1,4 +1,5 @@
-"""Old path of `python -m hsc_fast.cli.doctor`, kept for one release (0.2 removes it)."""
+"""`python -m hsc_fast.doctor` (console script `hsc-doctor`): the documented entry point; the command
+itself lives in hsc_fast.cli.doctor."""
 import sys
 
 from hsc_fast.cli.doctor import main

@@ -1,4 +1,5 @@
-"""Old path of `python -m hsc_fast.cli.evaluate`, kept for one release (0.2 removes it)."""
+"""`python -m hsc_fast.evaluate` (console script `hsc-evaluate`): the documented entry point; the command
+itself lives in hsc_fast.cli.evaluate."""
 import sys
 
 from hsc_fast.cli.evaluate import main

@@ -1,4 +1,5 @@
-"""Old path of `python -m hsc_fast.cli.report`, kept for one release (0.2 removes it)."""
+"""`python -m hsc_fast.report` (console script `hsc-report`): the documented entry point; the command
+itself lives in hsc_fast.cli.report."""
 import sys
 
 from hsc_fast.cli.report import main

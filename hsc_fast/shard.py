@@ -1,4 +1,5 @@
-"""Old path of `python -m hsc_fast.cli.shard`, kept for one release (0.2 removes it)."""
+"""`python -m hsc_fast.shard` (console script `hsc-shard`): the documented entry point; the command
+itself lives in hsc_fast.cli.shard."""
 import sys
 
 from hsc_fast.cli.shard import main

@@ -1,4 +1,5 @@
-"""Old path of `python -m hsc_fast.cli.synth`, kept for one release (0.2 removes it)."""
+"""`python -m hsc_fast.synth` (console script `hsc-synth`): the documented entry point; the command
+itself lives in hsc_fast.cli.synth."""
 import sys
 
 from hsc_fast.cli.synth import main

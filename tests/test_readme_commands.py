@@ -84,7 +84,7 @@ def shell_lines(start: int, block: list):
 
 
 def _module_of(token: str):
-    """launch/X.py -> hsc_fast.cli.X; hsc_fast.X (a 0.2 alias) / hsc_fast.cli.X -> hsc_fast.cli.X."""
+    """launch/X.py -> hsc_fast.cli.X; hsc_fast.X (the stable entry point) / hsc_fast.cli.X -> hsc_fast.cli.X."""
     if token.endswith(".py"):
         name = Path(token).stem
         return f"hsc_fast.cli.{name}" if token.startswith("launch/") else None

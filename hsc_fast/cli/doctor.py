@@ -1,4 +1,4 @@
-"""`python -m hsc_fast.cli.doctor` (console script `hsc-doctor`): the first command on a new cluster.
+"""`python -m hsc_fast.doctor` (console script `hsc-doctor`): the first command on a new cluster.
 
 Checks, in order (each PASS, FAIL or SKIP with the reason):
   versions  python, torch + CUDA, triton, cupy (+ its CUDA), deepspeed, NCCL, pydensecrf, the GPUs;

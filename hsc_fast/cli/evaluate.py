@@ -1,6 +1,6 @@
 """mIoU of predicted label PNGs against ground truth (VOC, COCO or any class set) (hsc-evaluate).
 
-Run as `python -m hsc_fast.cli.evaluate`; the work itself lives below cli/."""
+Run as `python -m hsc_fast.evaluate` or `hsc-evaluate`; the work itself lives below cli/."""
 from __future__ import annotations
 
 import json
@@ -87,7 +87,7 @@ def _evaluate_candidates(args) -> list[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The hsc-evaluate command line (the exit-status table ends --help)."""
-    p = argparse.ArgumentParser(prog="python -m hsc_fast.cli.evaluate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="hsc-evaluate", description=__doc__.split("\n\n")[0],
                                 epilog=with_exit_codes(failed="the evaluation failed"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gt", required=True, help="ground-truth label PNGs (palette or index)")

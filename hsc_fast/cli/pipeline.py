@@ -10,6 +10,7 @@ import sys
 import time
 
 from hsc_fast.cli.common import add_config_args, add_dataset_args, exit_if_rank_lost, with_exit_codes
+from hsc_fast.classes import CLASSES_FILE
 from hsc_fast.config import apply_class_set, load_config
 from hsc_fast.engine.pipeline import STAGES, dataset_from_args, run_stage, start_context
 from hsc_fast.errors import ConfigError, HscError
@@ -62,7 +63,9 @@ def main(argv=None) -> int:
         from hsc_fast.engine.pretrain import fill_weights
         fill_weights(cfg, run_dir)
         data = dataset_from_args(args, run_dir)
-        apply_class_set(cfg, data.classes)  # data.classes / model.num_classes, recorded in config.yaml
+        # data.classes / model.num_classes, recorded in config.yaml; a custom set: by the
+        # RUN_DIR/classes.json that start_context writes before any stage reads it
+        apply_class_set(cfg, data.classes, run_dir / CLASSES_FILE)
         stages = selected_stages(args.stages, args.demo, cfg.pretrain.enabled)
     except HscError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """(Re)build report.md / report.html of a pipeline run directory.
 
-Run as `python -m hsc_fast.cli.report`; the work itself lives below cli/."""
+Run as `python -m hsc_fast.report` or `hsc-report`; the work itself lives below cli/."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +13,7 @@ from hsc_fast.eval.report import write_report
 
 def build_parser() -> argparse.ArgumentParser:
     """The report command line (the exit-status table ends --help)."""
-    p = argparse.ArgumentParser(description="(Re)build report.md and report.html of a pipeline run directory.",
+    p = argparse.ArgumentParser(prog="hsc-report", description="(Re)build report.md and report.html of a pipeline run directory.",
                                 epilog=with_exit_codes(failed="the report could not be written"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="run directory written by launch/pipeline.py")

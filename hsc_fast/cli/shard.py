@@ -1,6 +1,6 @@
-"""VOC 2012 + SBD, or MS COCO 2014, -> WebDataset shards (hsc-shard).
+"""VOC 2012 + SBD, or MS COCO / any COCO-format dataset, -> WebDataset shards (hsc-shard).
 
-Run as `python -m hsc_fast.cli.shard`; the work itself lives below cli/."""
+Run as `python -m hsc_fast.shard` or `hsc-shard`; the work itself lives below cli/."""
 from __future__ import annotations
 
 from typing import Optional
@@ -22,10 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", metavar="DIR", help="verify the shards in DIR instead of writing")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--voc-root", help="VOC folder (holding JPEGImages/, SegmentationClass/, Annotations/)")
-    source.add_argument("--coco-root", help="MS COCO folder (holding annotations/instances_<split>.json and "
-                                            "<split>/*.jpg); mask: a pixel of one class gets it, of two classes or of "
-                                            "crowd only 255 (README 'Preparing MS COCO 2014')")
-    p.add_argument("--coco-split", help="with --coco-root: the split, train2014 or val2014 (also names the shards)")
+    source.add_argument("--coco-root", help="MS COCO or COCO-format folder (holding annotations/instances_<split>.json "
+                                            "and <split>/*.jpg); mask: a pixel of one class gets it, of two classes or of "
+                                            "crowd only 255; classes: the file's categories (COCO's 80, or any others: "
+                                            "names sorted by category id are classes 1..K)")
+    p.add_argument("--coco-split", help="with --coco-root: the split, e.g. train2014 or val2014 (also names the shards)")
+    p.add_argument("--classes", metavar="SPEC", help="with --coco-root: the class set instead of the file's categories "
+                                                     "(voc | coco | synthetic:K | a classes.json); each category maps to "
+                                                     "its name's index in it; annotations of a category it lacks are an "
+                                                     "error")
     p.add_argument("--sbd-root", help="SBD folder (holding img/, cls/)")
     p.add_argument("--list", help="id list: one id per line, or the SEAM '/JPEGImages/ID.jpg ...' format")
     p.add_argument("--cls-labels", help="image-level labels (cls_labels.npy with IRN int or SEAM str keys, or .json)")
@@ -73,6 +78,9 @@ def _shard_voc(args) -> dict:
     missing = [_flag(n) for n in ("voc_root", "list", "out") if not getattr(args, n)]
     if missing:
         build_parser().error(f"missing {', '.join(missing)} (or use --coco-root, or --verify DIR)")
+    if args.classes:
+        build_parser().error("--classes: a COCO-format option; a VOC-layout tree takes its classes.json "
+                             "(VOC root/classes.json), else VOC")
     return shard_dataset(args.voc_root, args.list, args.out, sbd_root=args.sbd_root, cls_labels=args.cls_labels,
                          saliency_root=args.saliency_root, shard_size=args.shard_size, workers=args.workers,
                          skip_bad=args.skip_bad, progress=not args.quiet)
@@ -85,9 +93,12 @@ def _shard_coco(args) -> dict:
     voc_only = [_flag(n) for n in ("sbd_root", "list", "cls_labels") if getattr(args, n)]
     if voc_only:
         build_parser().error(f"{', '.join(voc_only)}: VOC options, not valid with --coco-root")
+    from hsc_fast.classes import resolve
     from hsc_fast.data.coco import shard_coco  # pycocotools only when COCO is sharded
+    classes = resolve(args.classes, where="--classes") if args.classes else None
     return shard_coco(args.coco_root, args.coco_split, args.out, shard_size=args.shard_size, workers=args.workers,
-                      skip_bad=args.skip_bad, progress=not args.quiet, saliency_root=args.saliency_root)
+                      skip_bad=args.skip_bad, progress=not args.quiet, saliency_root=args.saliency_root,
+                      classes=classes)
 
 
 if __name__ == "__main__":

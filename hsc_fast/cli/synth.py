@@ -1,6 +1,6 @@
 """The embedded synthetic VOC-style dataset (hsc-synth).
 
-Run as `python -m hsc_fast.cli.synth`; the work itself lives below cli/."""
+Run as `python -m hsc_fast.synth` or `hsc-synth`; the work itself lives below cli/."""
 from __future__ import annotations
 
 from typing import Optional
@@ -15,7 +15,7 @@ from hsc_fast.errors import ConfigError, DataError
 
 def build_parser() -> argparse.ArgumentParser:
     """The hsc-synth command line (the exit-status table ends --help)."""
-    ap = argparse.ArgumentParser(prog="python -m hsc_fast.cli.synth", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="hsc-synth", description=__doc__.split("\n\n")[0],
                                  epilog=with_exit_codes(failed="writing the dataset failed"),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (created; files are overwritten)")

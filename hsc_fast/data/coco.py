@@ -1,7 +1,8 @@
-"""MS COCO 2014 (instances JSON + images) -> the same WebDataset shards as VOC.
+"""MS COCO 2014/2017, or any COCO-format dataset (instances JSON + images) -> the same WebDataset
+shards as VOC.
 
-    python -m hsc_fast.cli.shard --coco-root COCO --coco-split train2014 --out shards/coco_train2014 \\
-        [--shard-size 1000] [--workers 8] [--skip-bad]
+    python -m hsc_fast.shard --coco-root COCO --coco-split train2014 --out shards/coco_train2014 \\
+        [--classes SPEC] [--shard-size 1000] [--workers 8] [--skip-bad]
 
 Input (the layout of the official download)::
 
@@ -9,9 +10,14 @@ Input (the layout of the official download)::
     COCO/train2014/COCO_train2014_000000000009.jpg (the 'file_name' of each image record)
 
 One sample per image, keyed by the file name's stem (``COCO_train2014_000000000009``), holding the
-original JPEG bytes, ``cls.json`` and ``seg.png`` (see :mod:`hsc_fast.data.samples`). Classes: the
-80 categories sorted by category id are class indices 1..80 (:data:`hsc_fast.classes.COCO`); the
-file's (id, name) pairs must be exactly the COCO 2014 ones, else DataError (field 'categories').
+original JPEG bytes, ``cls.json`` and ``seg.png`` (see :mod:`hsc_fast.data.samples`).
+
+Classes come from the file's ``categories`` (:func:`category_classes`): when its (id, name) pairs
+are exactly COCO 2014/2017's, the canonical 80 (:data:`hsc_fast.classes.COCO`); else the names
+sorted by category id are class indices 1..K (a 'custom' set: ids 3, 7, 19 -> 1, 2, 3). A
+``classes`` override (``--classes``) maps each category to its name's index in the given set. The
+set is recorded in index.json (``classes``, and ``sources.category_ids``: the id of each class) and
+in ``out/classes.json``.
 
 The rules (all independent of the order of the annotations in the file):
 
@@ -58,7 +64,8 @@ from typing import Optional, Union
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from hsc_fast.classes import COCO, COCO_CLASSES, IGNORE_INDEX
+from hsc_fast.classes import CLASSES_FILE, COCO, COCO_CLASSES, IGNORE_INDEX, ClassSet
+from hsc_fast.classes import save as save_classes
 from hsc_fast.data import samples as S
 from hsc_fast.data.shard import _bad_summary, base_index, write_shards
 from hsc_fast.data.voc import encode_label_png, safe_join
@@ -138,23 +145,75 @@ def _is_int(value) -> bool:
 
 
 # ------------------------------------------------------------------------------------ categories
-def category_labels(categories: list, path: Path) -> dict:
-    """Category id -> class index 1..80. The file's categories sorted by id must be exactly COCO
-    2014's (ids and names), else DataError naming the file, 'categories' and the first difference."""
-    pairs = []
+@dataclass(frozen=True)
+class Categories:
+    """The class set of an annotation file and its category id -> class index 1..K. ``unmapped``:
+    the categories (id -> name) a ``--classes`` override has no class for (an annotation using one
+    is an error)."""
+    classes: ClassSet
+    labels: dict
+    unmapped: dict
+
+
+def _category_pairs(categories: list, path: Path) -> list:
+    """The checked (id, name) pairs sorted by id: a non-empty list, each an object with an integer
+    'id' and a non-empty string 'name', ids and names unique."""
+    if not categories:
+        raise DataError(f"{path}: field 'categories' is an empty list; expected one {{'id': int, 'name': str}} "
+                        f"per class")
+    ids, names = {}, {}
     for i, cat in enumerate(categories):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
-            raise DataError(f"{path}: 'categories'[{i}] is {str(cat)[:100]}; expected {{'id': int, 'name': str}}")
-        pairs.append((cat["id"], cat["name"]))
-    pairs.sort()
-    expected = list(zip(COCO_CATEGORY_IDS, COCO_CLASSES))
-    if pairs != expected:
-        diff = next((f"sorted position {k + 1}: file has {a}, COCO 2014 has {b}"
-                     for k, (a, b) in enumerate(zip(pairs, expected)) if a != b),
-                    f"file has {len(pairs)} categories, COCO 2014 has {len(expected)}")
-        raise DataError(f"{path}: 'categories' differ from the 80 COCO 2014 categories (id, name) "
-                        f"({diff}); only the COCO 2014/2017 category list is supported")
-    return {cat_id: k + 1 for k, (cat_id, _) in enumerate(pairs)}
+        where = f"{path}: 'categories'[{i}]"
+        if not isinstance(cat, dict):
+            raise DataError(f"{where}: expected an object {{'id': int, 'name': str}}, got {str(cat)[:100]}")
+        cat_id, name = cat.get("id"), cat.get("name")
+        if not _is_int(cat_id):
+            raise DataError(f"{where}: field 'id' is {'missing' if 'id' not in cat else repr(cat_id)}; "
+                            f"expected an integer")
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{where}: field 'name' is {'missing' if 'name' not in cat else repr(name)}; "
+                            f"expected a non-empty string")
+        if cat_id in ids:
+            raise DataError(f"{where}: field 'id' {cat_id} is used twice ('categories'[{ids[cat_id]}] too)")
+        if name in names:
+            raise DataError(f"{where}: field 'name' {name!r} is used twice ('categories'[{names[name]}] too)")
+        ids[cat_id], names[name] = i, i
+    return sorted((cat["id"], cat["name"]) for cat in categories)
+
+
+def _file_class_set(pairs: list, path: Path) -> ClassSet:
+    """COCO 2014/2017's canonical set when the (id, name) pairs are exactly COCO's, else a
+    'custom' set of the names in id order."""
+    if pairs == list(zip(COCO_CATEGORY_IDS, COCO_CLASSES)):
+        return COCO
+    if any(name == "background" for _, name in pairs):
+        raise DataError(f"{path}: 'categories' has a category named 'background'; label 0 is the background "
+                        f"here. Rename it, or pass --classes with a classes.json of the other names (unused "
+                        f"categories outside that set are ignored)")
+    try:
+        return ClassSet("custom", tuple(name for _, name in pairs))
+    except DataError as e:
+        raise DataError(f"{path}: 'categories': {e}") from None
+
+
+def category_classes(categories: list, path: Path, override: Optional[ClassSet] = None) -> Categories:
+    """The class set of ``categories`` and each id's class index 1..K.
+
+    Without ``override``: COCO 2014/2017's (:data:`hsc_fast.classes.COCO`) when the (id, name)
+    pairs are exactly COCO's, else the names sorted by id as a 'custom' set (smallest id = class 1).
+    With ``override`` (``--classes``): each category's index is its name's position in that set;
+    categories whose name it lacks are ``unmapped``. DataError naming the file and the field for a
+    malformed list (empty, an entry without an integer 'id' or a string 'name', a duplicate id or
+    name)."""
+    pairs = _category_pairs(categories, path)
+    classes = override if override is not None else _file_class_set(pairs, path)
+    position = {name: k + 1 for k, name in enumerate(classes.names)}
+    labels = {cat_id: position[name] for cat_id, name in pairs if name in position}
+    unmapped = {cat_id: name for cat_id, name in pairs if name not in position}
+    if not labels:
+        raise DataError(f"{path}: no name in 'categories' is a class of --classes {classes.name!r} "
+                        f"({', '.join(classes.names[:5])}{', ...' if classes.num_fg > 5 else ''})")
+    return Categories(classes, labels, unmapped)
 
 
 # ------------------------------------------------------------------------------------ image records
@@ -261,7 +320,7 @@ def check_segmentation(seg, height: int, width: int, where: str):
 
 
 # ------------------------------------------------------------------------------------ annotations
-def parse_annotation(i: int, ann, path: Path, records: dict, labels: dict) -> tuple:
+def parse_annotation(i: int, ann, path: Path, records: dict, categories: Categories) -> tuple:
     """(image id, Instance) of ``annotations[i]``, every field it uses checked."""
     where = f"{path}: 'annotations'[{i}]"
     if not isinstance(ann, dict):
@@ -270,27 +329,33 @@ def parse_annotation(i: int, ann, path: Path, records: dict, labels: dict) -> tu
     image_id, cat_id, crowd = ann.get("image_id"), ann.get("category_id"), ann.get("iscrowd", 0)
     if not _is_int(image_id) or image_id not in records:
         raise DataError(f"{where}: field 'image_id' {image_id!r} is not the id of an image in 'images'")
-    if not _is_int(cat_id) or cat_id not in labels:
+    if _is_int(cat_id) and cat_id in categories.unmapped:
+        raise DataError(f"{where}: field 'category_id' {cat_id} is category {categories.unmapped[cat_id]!r}, "
+                        f"which is not a class of --classes {categories.classes.name!r}")
+    if not _is_int(cat_id) or cat_id not in categories.labels:
         raise DataError(f"{where}: field 'category_id' {cat_id!r} is "
                         f"{'missing' if 'category_id' not in ann else 'not one of the ids in categories'}")
     if not _is_int(crowd) or crowd not in (0, 1):
         raise DataError(f"{where}: field 'iscrowd' is {crowd!r}; expected 0 or 1")
     _, _, height, width = records[image_id]
     seg = check_segmentation(ann.get("segmentation"), height, width, f"{where}: field 'segmentation'")
-    return image_id, Instance(labels[cat_id], bool(crowd), seg)
+    return image_id, Instance(categories.labels[cat_id], bool(crowd), seg)
 
 
 @dataclass(frozen=True)
 class CocoSplit:
-    """A checked annotation file: the images to shard (sorted by key) and the ones skipped."""
+    """A checked annotation file: the images to shard (sorted by key), the ones skipped and its
+    categories (class set and id -> class index)."""
     annotations: Path
     image_root: Path
     images: tuple
     skipped: tuple
+    categories: Categories
 
 
-def read_split(coco_root: PathLike, split: str) -> CocoSplit:
-    """Read and check ``instances_<split>.json`` completely (DataError naming file and field)."""
+def read_split(coco_root: PathLike, split: str, classes: Optional[ClassSet] = None) -> CocoSplit:
+    """Read and check ``instances_<split>.json`` completely (DataError naming file and field);
+    ``classes``: the ``--classes`` override of the file's categories (:func:`category_classes`)."""
     S.check_key(split, "--coco-split")
     path = annotation_path(coco_root, split)
     root = image_root(coco_root, split)
@@ -298,11 +363,11 @@ def read_split(coco_root: PathLike, split: str) -> CocoSplit:
         raise DataError(f"{root}: image folder of split {split!r} not found (expected COCO/{split}/*.jpg)")
     data = load_annotation_file(path)
     images, anns, cats = (_list_field(data, f, path) for f in ("images", "annotations", "categories"))
-    labels = category_labels(cats, path)
+    categories = category_classes(cats, path, classes)
     records = image_records(images, path)
     per_image = {image_id: [] for image_id in records}
     for i, ann in enumerate(anns):
-        image_id, instance = parse_annotation(i, ann, path, records, labels)
+        image_id, instance = parse_annotation(i, ann, path, records, categories)
         per_image[image_id].append(instance)
     kept, skipped = [], []
     for image_id, (key, file_name, height, width) in records.items():
@@ -315,7 +380,7 @@ def read_split(coco_root: PathLike, split: str) -> CocoSplit:
             kept.append(CocoImage(key, file_name, height, width, tuple(instances)))
     kept.sort(key=lambda im: im.key)
     skipped.sort(key=lambda s: s["id"])
-    return CocoSplit(path, root, tuple(kept), tuple(skipped))
+    return CocoSplit(path, root, tuple(kept), tuple(skipped), categories)
 
 
 # ------------------------------------------------------------------------------- labels and masks
@@ -350,7 +415,7 @@ def semantic_mask(image: CocoImage) -> np.ndarray:
         if not inst.crowd:
             by_class.setdefault(inst.label, []).append(inst.segmentation)
     owner = np.zeros((h, w), dtype=np.uint8)
-    claims = np.zeros((h, w), dtype=np.uint8)  # how many different classes cover a pixel (<= 80)
+    claims = np.zeros((h, w), dtype=np.uint8)  # how many different classes cover a pixel (<= 254)
     for label in sorted(by_class):
         covered = union_mask(by_class[label], h, w)
         owner[covered] = label
@@ -364,13 +429,14 @@ def semantic_mask(image: CocoImage) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------- samples
 class CocoBuilder:
-    """A :class:`CocoImage` -> its raw sample (the JPEG checked against the record's size; with
-    ``saliency_root``, the user's saliency map ``<id>.png`` / ``.jpg`` of the same size: COCO ships
-    none, the EPS methods need them)."""
+    """A :class:`CocoImage` -> its raw sample (the JPEG checked against the record's size; the mask
+    checked against ``classes``; with ``saliency_root``, the user's saliency map ``<id>.png`` /
+    ``.jpg`` of the same size: COCO ships none, the EPS methods need them)."""
 
-    def __init__(self, root: PathLike, saliency_root: Optional[PathLike] = None):
+    def __init__(self, root: PathLike, saliency_root: Optional[PathLike] = None, classes: ClassSet = COCO):
         self.root = Path(root)
         self.saliency_root = Path(saliency_root) if saliency_root else None
+        self.classes = classes
 
     def __call__(self, image: CocoImage) -> dict:
         path = safe_join(self.root, image.file_name)
@@ -383,7 +449,7 @@ class CocoBuilder:
             raise DataError(f"{image.key}: {path}: image is {size[0]}x{size[1]}; the annotation file says "
                             f"{image.width}x{image.height}")
         sample = {S.KEY: image.key, S.IMAGE: data, S.LABELS: S.encode_labels(image_labels(image)),
-                  S.MASK: encode_label_png(semantic_mask(image), COCO)}
+                  S.MASK: encode_label_png(semantic_mask(image), self.classes)}
         if self.saliency_root is not None:
             sample[S.SALIENCY] = self._saliency(image, size)
         return sample
@@ -403,34 +469,46 @@ def _missing_images(split: CocoSplit) -> list:
             for im in split.images if not safe_join(split.image_root, im.file_name).is_file()]
 
 
+def category_ids(categories: Categories) -> list:
+    """The category id of each class 1..K (None for a ``--classes`` class no category names)."""
+    by_label = {label: cat_id for cat_id, label in categories.labels.items()}
+    return [by_label.get(k) for k in range(1, categories.classes.num_fg + 1)]
+
+
 def shard_coco(coco_root: PathLike, split: str, out: PathLike, *, shard_size: int = 1000, workers: int = 1,
                skip_bad: bool = False, name: Optional[str] = None, progress: bool = True,
-               saliency_root: Optional[PathLike] = None) -> dict:
-    """Write the shards of one COCO split into ``out`` (``{name}-{k:06d}.tar``, name = the split);
-    returns the index (also written as index.json, with ``classes`` = COCO). Nothing is written
-    when the annotation file is bad, an image is missing (unless ``skip_bad``) or a sample is bad
-    (unless ``skip_bad``)."""
+               saliency_root: Optional[PathLike] = None, classes: Optional[ClassSet] = None) -> dict:
+    """Write the shards of one COCO-format split into ``out`` (``{name}-{k:06d}.tar``, name = the
+    split); returns the index (also written as index.json). Its ``classes`` is the file's class set
+    (:func:`category_classes`; ``classes`` overrides it), also written as ``out/classes.json``;
+    ``sources.category_ids`` lists the category id of each class 1..K. Nothing is written when the
+    annotation file is bad, an image is missing (unless ``skip_bad``) or a sample is bad (unless
+    ``skip_bad``)."""
     if shard_size < 1:
         raise DataError(f"--shard-size {shard_size}: expected >= 1")
     if saliency_root is not None and not Path(saliency_root).is_dir():
         raise DataError(f"--saliency-root {saliency_root}: not a folder")
     name = S.check_key(name or split, "shard name")
-    data = read_split(coco_root, split)
+    data = read_split(coco_root, split, classes)
+    class_set = data.categories.classes
     missing = _missing_images(data)
     if missing and not skip_bad:
         raise DataError(_bad_summary(missing))
     lost = {m["id"] for m in missing}
     items = [(im.key, im) for im in data.images if im.key not in lost]
     sources = {"coco_root": str(Path(coco_root).resolve()), "annotations": str(data.annotations.resolve()),
-               "split": split, "saliency_root": str(Path(saliency_root).resolve()) if saliency_root else None}
+               "split": split, "saliency_root": str(Path(saliency_root).resolve()) if saliency_root else None,
+               "category_ids": category_ids(data.categories)}
     members = MEMBERS + ((S.SALIENCY,) if saliency_root else ())
 
     def make_index(results: list, bad: list) -> dict:
         skipped = sorted([*data.skipped, *missing, *bad], key=lambda s: s["id"])
-        return base_index(name, results, skipped, shard_size, COCO, members, sources,
+        return base_index(name, results, skipped, shard_size, class_set, members, sources,
                           has_saliency=saliency_root is not None)
 
     sal = str(saliency_root) if saliency_root else None
-    return write_shards(out, name, items, CocoBuilder(data.image_root, sal), CocoBuilder, (str(data.image_root), sal),
-                        shard_size=shard_size, workers=workers, skip_bad=skip_bad, progress=progress,
-                        make_index=make_index)
+    index = write_shards(out, name, items, CocoBuilder(data.image_root, sal, class_set), CocoBuilder,
+                         (str(data.image_root), sal, class_set), shard_size=shard_size, workers=workers,
+                         skip_bad=skip_bad, progress=progress, make_index=make_index)
+    save_classes(Path(out) / CLASSES_FILE, class_set)  # what evaluate / make_seeds look for beside data
+    return index

@@ -114,6 +114,7 @@ class ShardSet:
         s = str(source)
         path = Path(s)
         index_path = path if s.endswith(".json") else path / INDEX_NAME if path.is_dir() else None
+        self.index_file = index_path  # where the index was read from (None: shards without one)
         if index_path is not None:
             self.index = _read_index(index_path)
             from hsc_fast.data.voc import safe_join
@@ -123,6 +124,7 @@ class ShardSet:
             self.urls = list(wds.shardlists.expand_urls(s))
             guess = Path(self.urls[0]).parent / INDEX_NAME if self.urls else None
             self.index = _read_index(guess) if guess is not None and guess.is_file() else None
+            self.index_file = guess if self.index is not None else None
             self.ids = None
             if self.index is not None:
                 by_file = {e["file"]: e.get("ids", []) for e in self.index["shards"]}
@@ -257,7 +259,7 @@ def _fail_on_empty_shards(urls: Iterator[dict], read) -> Iterator[dict]:
             opened[0] += 1
             if opened[0] > MAX_EMPTY_SHARDS:
                 raise DataError(f"{MAX_EMPTY_SHARDS} shards in a row gave no sample (last: {url.get('url')}): "
-                                "are the shards empty or unreadable? (python -m hsc_fast.cli.shard --verify DIR)")
+                                "are the shards empty or unreadable? (python -m hsc_fast.shard --verify DIR)")
             yield url
 
     for sample in read(counted()):
@@ -359,10 +361,19 @@ def open_train_source(data_cfg):
 def source_class_set(source) -> ClassSet:
     """The class set of a data source: a shard index's 'classes' (VOC without one), a VOC-layout
     tree's classes.json (VOC without one)."""
+    return _source_classes(source)[0]
+
+
+def _source_classes(source) -> tuple:
+    """(class set, the file that records it or None) of a data source."""
     if is_shard_source(source):
-        return ShardSet(source).class_set
+        shards = ShardSet(source)
+        return shards.class_set, shards.index_file
+    from hsc_fast.classes import CLASSES_FILE
     from hsc_fast.data.folder import find_voc_root, folder_classes
-    return folder_classes(find_voc_root(source))
+    root = find_voc_root(source)
+    recorded = root / CLASSES_FILE
+    return folder_classes(root), recorded if recorded.is_file() else None
 
 
 def resolve_run_classes(cfg, source) -> ClassSet:
@@ -371,10 +382,10 @@ def resolve_run_classes(cfg, source) -> ClassSet:
     A config that already names its set keeps it (checked against the source's)."""
     from hsc_fast.config import apply_class_set
     try:
-        classes = source_class_set(source)
+        classes, recorded_in = _source_classes(source)
     except DataError as e:
         raise ConfigError(f"{source}: {e}") from e
-    apply_class_set(cfg, classes)
+    apply_class_set(cfg, classes, recorded_in)
     return classes
 
 

@@ -1,10 +1,10 @@
 """Pack a VOC/SBD id list (or MS COCO, :mod:`hsc_fast.data.coco`) into WebDataset shards, and verify shards.
 
-    python -m hsc_fast.cli.shard --voc-root VOC2012 [--sbd-root SBD] --list train_aug.txt \\
+    python -m hsc_fast.shard --voc-root VOC2012 [--sbd-root SBD] --list train_aug.txt \\
         [--cls-labels cls_labels.npy] [--saliency-root SaliencyMaps] --out shards/ \\
         [--shard-size 1000] [--workers 4] [--skip-bad]
-    python -m hsc_fast.cli.shard --coco-root COCO --coco-split train2014 --out shards/ [...]
-    python -m hsc_fast.cli.shard --verify shards/
+    python -m hsc_fast.shard --coco-root COCO --coco-split train2014 --out shards/ [...]
+    python -m hsc_fast.shard --verify shards/
 
 A dataset source plugs in through :func:`write_shards`: a list of ``(id, item)`` pairs in shard
 order and a builder turning one item into a raw sample (the tar writing, worker pool, temporary

@@ -1,6 +1,6 @@
 """Synthetic PASCAL-VOC-like data in the real on-disk formats, for tests, demos and benchmarks.
 
-``python -m hsc_fast.cli.synth --out DIR --n-train N --n-val M --seed S [--size PX]`` writes::
+``python -m hsc_fast.synth --out DIR --n-train N --n-val M --seed S [--size PX]`` writes::
 
     DIR/VOC2012/JPEGImages/*.jpg            VOC-mask train ids and val ids
     DIR/VOC2012/SegmentationClass/*.png     palette PNGs with a 255 band on object boundaries

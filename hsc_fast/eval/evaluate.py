@@ -1,7 +1,7 @@
 """Segmentation evaluation: confusion matrices, mIoU, and the background-threshold sweep of CAMs.
 
-    python -m hsc_fast.cli.evaluate --gt VOC/SegmentationClass --pred seeds/ [--list ids.txt] [--json out.json]
-    python -m hsc_fast.cli.evaluate --gt VOC/SegmentationClass --cam cam_npy/ --thresholds 0.00:0.60:0.01
+    python -m hsc_fast.evaluate --gt VOC/SegmentationClass --pred seeds/ [--list ids.txt] [--json out.json]
+    python -m hsc_fast.evaluate --gt VOC/SegmentationClass --cam cam_npy/ --thresholds 0.00:0.60:0.01
 
 Definitions (those of the VOC benchmark and of the authors' eval.py):
   * one confusion matrix per image (rows: ground truth 0..K, columns: prediction 0..K plus one

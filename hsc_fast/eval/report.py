@@ -2,7 +2,7 @@
 
 Built only from files the stages wrote (summary.json, the evaluation JSONs, the curve PNG, the
 overlay pictures and classes.json), so it can be regenerated at any time:
-`python -m hsc_fast.cli.report RUN_DIR`. The per-class IoU table has one row per label name of the
+`python -m hsc_fast.report RUN_DIR`. The per-class IoU table has one row per label name of the
 evaluations (K+1: 21 for VOC, 81 for COCO), in label order; the class set's line names K.
 """
 from __future__ import annotations

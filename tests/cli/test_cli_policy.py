@@ -139,3 +139,59 @@ def test_readme_documents_the_exit_codes():
     section = readme.split("### Exit codes", 1)[1].split("\n#", 1)[0]
     for code in (common.EXIT_OK, common.EXIT_FAILED, common.EXIT_BAD_INPUT, common.EXIT_RANK_LOST):
         assert f"| `{code}` |" in section, code
+
+
+ENTRY_POINTS = ("shard", "evaluate", "doctor", "report", "synth")
+
+
+# Runs each `python -m hsc_fast.<name> --help` the way -m does (runpy, __main__) in ONE child
+# process (one torch import, not five); prints {name: [exit status, stdout, stderr]} as JSON.
+_RUN_HELPS = """
+import contextlib, io, json, runpy, sys, warnings
+warnings.simplefilter("always")
+out = {}
+for name in sys.argv[1:]:
+    so, se, code = io.StringIO(), io.StringIO(), None
+    sys.argv = [name, "--help"]
+    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+        try:
+            runpy.run_module("hsc_fast." + name, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code
+    out[name] = [code, so.getvalue(), se.getvalue()]
+print(json.dumps(out))
+"""
+
+
+def test_package_entry_points_print_the_cli_help_without_deprecation(monkeypatch):
+    """`python -m hsc_fast.<name> --help` is the documented interface: exit 0, exactly the help of
+    hsc_fast.cli.<name> (same prog: its console script hsc-<name>), no deprecation note or warning."""
+    import json
+    import os
+    import subprocess
+    import sys
+    monkeypatch.setenv("COLUMNS", "100")
+    done = subprocess.run([sys.executable, "-c", _RUN_HELPS, *ENTRY_POINTS], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    helps = json.loads(done.stdout.splitlines()[-1])
+    for name in ENTRY_POINTS:
+        code, out, err = helps[name]
+        assert code == 0, (name, err[-2000:])
+        assert out == _parser(name).format_help(), name
+        assert out.startswith(f"usage: hsc-{name} "), name
+        text = (out + err).lower()
+        assert "deprecat" not in text and "removed in" not in text and "old path" not in text, (name, err)
+        module_doc = importlib.import_module(f"hsc_fast.{name}").__doc__.lower()
+        assert "old path" not in module_doc and "removed" not in module_doc, name
+
+
+def test_console_scripts_name_each_entry_point():
+    """setup.py declares hsc-<name> = hsc_fast.cli.<name>:main for every package entry point."""
+    import re
+    from pathlib import Path
+    setup = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
+    declared = dict(re.findall(r'"(hsc-[a-z_]+)=(hsc_fast\.cli\.[a-z_]+):main"', setup))
+    for name in ENTRY_POINTS:
+        assert declared.get(f"hsc-{name}") == f"hsc_fast.cli.{name}", name
+        assert callable(importlib.import_module(f"hsc_fast.cli.{name}").main)

@@ -12,10 +12,11 @@ import pycocotools.mask as M
 import pytest
 from PIL import Image
 
+from hsc_fast import classes as C
 from hsc_fast.classes import COCO, COCO_CLASSES
 from hsc_fast.cli.shard import main
 from hsc_fast.data import samples as S
-from hsc_fast.data.coco import rle_string_counts, shard_coco
+from hsc_fast.data.coco import category_classes, rle_string_counts, shard_coco
 from hsc_fast.data.shard import verify_shards
 from hsc_fast.errors import DataError
 
@@ -164,7 +165,8 @@ def test_masks_labels_and_jpegs_read_back_exactly(coco):
     assert index["classes"] == COCO.to_json() and index["members"] == ["jpg", "cls.json", "seg.png"]
     assert index["has_saliency"] is False
     assert index["sources"] == {"coco_root": str(coco["root"].resolve()), "annotations": str(coco["json"].resolve()),
-                                "split": SPLIT, "saliency_root": None}
+                                "split": SPLIT, "saliency_root": None, "category_ids": REAL_IDS}
+    assert C.load(out / C.CLASSES_FILE) == COCO
     assert index["skipped"] == [{"id": key(42), "error": "no object annotations"},
                                 {"id": key(57), "error": "only crowd (iscrowd=1) annotations, no image label"}]
     members = read_members(out)
@@ -216,10 +218,6 @@ def _drop_segmentation(d):
     del d["annotations"][1]["segmentation"]
 
 
-def _bad_category(d):
-    d["categories"][0]["name"] = "brush"
-
-
 def _missing_images(d):
     del d["images"]
 
@@ -242,7 +240,6 @@ def _rle_size(d):
 
 @pytest.mark.parametrize("mutate, expected", [
     (_drop_segmentation, ["'annotations'[1]", "'segmentation'", "missing"]),
-    (_bad_category, ["'categories'", "toothbrush", "brush"]),
     (_missing_images, ["'images'", "missing"]),
     (_unknown_category_id, ["'annotations'[0]", "'category_id' 12"]),
     (_odd_polygon, ["'annotations'[0]", "'segmentation'", "even-length"]),
@@ -331,3 +328,20 @@ def test_user_saliency_maps_ride_along_for_the_eps_methods(coco):
     (sal_dir / f"{kept[0]}.png").unlink()
     with pytest.raises(DataError, match=f"{kept[0]}: saliency map not found"):
         shard_coco(coco["root"], SPLIT, coco["tmp"] / "again", progress=False, saliency_root=sal_dir)
+
+
+def test_coco_categories_are_detected_by_ids_and_names():
+    """COCO 2014/2017's (id, name) pairs, in any order, give the canonical set; one name or one id
+    changed makes it a custom 80-class set (names sorted by id), not COCO."""
+    cats = [{"id": c, "name": n} for c, n in zip(REAL_IDS, COCO_CLASSES)]
+    found = category_classes(cats[::-1], "f.json")
+    assert found.classes == COCO and found.labels == {c: cls(c) for c in REAL_IDS} and not found.unmapped
+    renamed = [dict(c) for c in cats]
+    renamed[-1]["name"] = "brush"
+    found = category_classes(renamed, "f.json")
+    assert found.classes.name == "custom" and found.classes.names[-1] == "brush"
+    assert found.classes.names[:-1] == COCO_CLASSES[:-1] and found.labels[90] == 80
+    moved = [dict(c) for c in cats]
+    moved[0]["id"] = 12                                 # person moves from id 1 to 12: after ids 2..11
+    found = category_classes(moved, "f.json")
+    assert found.classes != COCO and found.classes.names.index("person") == 10 and found.labels[12] == 11
