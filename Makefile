@@ -11,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup lint test test-fast demo bench ablation clean-venv
+.PHONY: setup lint test test-fast demo bench ablation docs docs-serve clean-venv
 
 setup:
 	@if [ ! -f "$(VENV_CACHE)/.deps-ok" ]; then \
@@ -51,6 +51,13 @@ bench: setup
 
 ablation: setup
 	OMP_NUM_THREADS=1 $(PY) launch/ablation.py --run-dir runs/ablation
+
+# The documentation site (mkdocs.yml, docs/): strict, as tests/test_docs.py builds it in `make test`.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 clean-venv:
 	rm -rf $(VENV) "$(VENV_CACHE)"

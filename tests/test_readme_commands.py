@@ -1,6 +1,6 @@
-"""README's commands run as written.
+"""README's commands run as written, and the documentation site's commands parse.
 
-Every command of our own tools in README's code blocks (``python launch/X.py``, ``python -m
+Every command of our own tools in README's and the site's (docs/**/*.md) code blocks (``python launch/X.py``, ``python -m
 hsc_fast...``, ``deepspeed``/``torchrun``/``srun`` launching launch/X.py, the ``hsc-*`` console
 scripts) is parsed with its tool's own ``build_parser()`` (unknown flags and typos fail), its
 ``--config`` must name a preset or file and its ``--set`` keys must exist (``load_config``), and a
@@ -34,6 +34,7 @@ from hsc_fast.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
+SITE_PAGES = sorted(p for p in (REPO / "docs").rglob("*.md") if "_incoming" not in p.parts)
 CONSOLE_SCRIPTS = dict(re.findall(r'"(hsc-[a-z]+)=hsc_fast\.cli\.([a-z_]+):main"', (REPO / "setup.py").read_text()))
 LAUNCHERS = {"deepspeed", "torchrun"}
 PYTHONS = {"python", "python3", ".venv/bin/python", "$(PY)"}
@@ -46,6 +47,7 @@ class Command:
     launcher: str      # "python" | "deepspeed" | "torchrun" | "console"
     module: str        # hsc_fast.cli.X
     argv: list         # the tool's own arguments ("..." elisions dropped)
+    where: str = "README"  # the file (README or a docs/ page)
 
 
 def code_blocks(text: str):
@@ -137,24 +139,35 @@ def parse_command(n: int, text: str):
     return found
 
 
-def readme_commands() -> list:
+def commands_of(text: str, where: str = "README") -> list:
     cmds = []
-    for start, block in code_blocks(README):
-        for n, text in shell_lines(start, block):
-            cmds += parse_command(n, text) or []
+    for start, block in code_blocks(text):
+        for n, text_ in shell_lines(start, block):
+            for c in parse_command(n, text_) or []:
+                c.where = where
+                cmds.append(c)
     return cmds
 
 
-COMMANDS = readme_commands()
+COMMANDS = commands_of(README)
+SITE_COMMANDS = [c for page in SITE_PAGES for c in commands_of(page.read_text(), page.relative_to(REPO).as_posix())]
 
 
-def test_the_extractor_finds_the_commands_readme_documents():
+def test_the_extractor_finds_the_commands_readme_and_the_site_document():
+    # README: the quick start (VOC + SBD to Masks and DeepLab) and the CPU stages the slow test runs
     modules = {c.module for c in COMMANDS}
-    # (launch/ablation.py appears only in a comment: `make ablation  # = ...`)
-    for name in ("shard", "train_cam", "make_seeds", "evaluate", "train_deeplab", "pipeline", "pretrain", "doctor"):
+    for name in ("shard", "train_cam", "make_seeds", "refine", "evaluate", "train_deeplab", "pipeline", "pretrain",
+                 "doctor"):
         assert f"hsc_fast.cli.{name}" in modules, name
-    assert any(c.launcher == "torchrun" for c in COMMANDS) and any(c.launcher == "deepspeed" for c in COMMANDS)
-    assert len(COMMANDS) >= 15
+    assert any(c.launcher == "deepspeed" for c in COMMANDS)
+    assert len(COMMANDS) >= 12
+    # the site: every tool, both launchers
+    site = {c.module for c in SITE_COMMANDS}
+    for name in ("shard", "train_cam", "make_seeds", "refine", "evaluate", "train_deeplab", "pipeline", "pretrain",
+                 "doctor", "report"):
+        assert f"hsc_fast.cli.{name}" in site, name
+    assert any(c.launcher == "torchrun" for c in SITE_COMMANDS) and any(c.launcher == "deepspeed" for c in SITE_COMMANDS)
+    assert len(SITE_COMMANDS) >= 20
 
 
 def _parse(cmd: Command) -> argparse.Namespace:
@@ -165,12 +178,12 @@ def _parse(cmd: Command) -> argparse.Namespace:
         try:
             return parser.parse_args(cmd.argv)
         except SystemExit as e:
-            pytest.fail(f"README line {cmd.line}: `{cmd.text.strip()}` does not parse "
+            pytest.fail(f"{cmd.where} line {cmd.line}: `{cmd.text.strip()}` does not parse "
                         f"(exit {e.code}): {err.getvalue().strip()[-500:]}")
 
 
 def _cli_commands():
-    return [pytest.param(c, id=f"L{c.line}-{c.module.rsplit('.', 1)[-1]}") for c in COMMANDS
+    return [pytest.param(c, id=f"{c.where}-L{c.line}-{c.module.rsplit('.', 1)[-1]}") for c in COMMANDS + SITE_COMMANDS
             if c.module.startswith("hsc_fast.cli.")]
 
 
@@ -184,33 +197,33 @@ def test_readme_command_parses_and_its_config_loads(cmd):
         try:
             cfg = load_config(config, list(args.set))
         except Exception as e:  # ConfigError names the key / preset
-            pytest.fail(f"README line {cmd.line}: `{cmd.text.strip()}`: {type(e).__name__}: {e}")
+            pytest.fail(f"{cmd.where} line {cmd.line}: `{cmd.text.strip()}`: {type(e).__name__}: {e}")
         name = cmd.module.rsplit(".", 1)[-1]
         # The guard every user of a copied training command meets first (exit 2): weights or random init.
         if name == "train_cam" and getattr(args, "list_keys", False) is False:
             assert cfg.model.weights or cfg.model.allow_random_init, (
-                f"README line {cmd.line}: `{cmd.text.strip()}` stops with exit 2: model.weights is empty "
+                f"{cmd.where} line {cmd.line}: `{cmd.text.strip()}` stops with exit 2: model.weights is empty "
                 "and model.allow_random_init is false")
         if name == "train_deeplab":
             assert cfg.deeplab.weights or cfg.deeplab.allow_random_init, (
-                f"README line {cmd.line}: `{cmd.text.strip()}`: deeplab.weights is empty")
+                f"{cmd.where} line {cmd.line}: `{cmd.text.strip()}`: deeplab.weights is empty")
 
 
 def test_non_cli_modules_readme_runs_exist():
-    for c in COMMANDS:
+    for c in COMMANDS + SITE_COMMANDS:
         if not c.module.startswith("hsc_fast.cli."):
-            assert importlib.util.find_spec(c.module) is not None, (c.line, c.text)
+            assert importlib.util.find_spec(c.module) is not None, (c.where, c.line, c.text)
 
 
 def test_readme_seed_commands_evaluate_only_ids_with_ground_truth():
     """make_seeds evaluates (sweep, CRF) every id of its --list against --gt, and a missing mask is
     an error: README's --gt runs must use the VOC train list, not train_aug (10,582 ids, 1,464 masks)."""
-    seeds = [c for c in COMMANDS if c.module == "hsc_fast.cli.make_seeds"]
+    seeds = [c for c in COMMANDS + SITE_COMMANDS if c.module == "hsc_fast.cli.make_seeds"]
     assert seeds
     for c in seeds:
         args = _parse(c)
         if args.gt:
-            assert args.list is None or not args.list.endswith("train_aug.txt"), (c.line, c.text)
+            assert args.list is None or not args.list.endswith("train_aug.txt"), (c.where, c.line, c.text)
 
 
 # ------------------------------------------------------------------------------ executed (slow)
