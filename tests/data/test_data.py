@@ -119,6 +119,35 @@ def test_make_view2_and_denormalize():
     assert torch.equal(denormalize(norm, MEAN, STD), u8)
 
 
+def _authors_normalisation(rgb: np.ndarray) -> np.ndarray:
+    """HSC inference.py / imutils.Normalize re-derived: per channel (x / 255. - mean) / std in numpy
+    float64, stored into float32; (3, H, W)."""
+    out = np.empty(rgb.shape, np.float32)
+    for c in range(3):
+        out[..., c] = (rgb[..., c] / 255. - MEAN[c]) / STD[c]
+    return out.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("photo", ["2007_000032", "2007_000033"])
+def test_normalisation_is_the_authors_float64_one_bit_for_bit(fixtures_dir, photo):
+    from hsc_fast.data.seg_set import normalize_image
+    from hsc_fast.data.transforms import normalize
+    rgb = np.asarray(Image.open(fixtures_dir / "voc" / "JPEGImages" / f"{photo}.jpg").convert("RGB"))
+    ref = _authors_normalisation(rgb)
+    ours = normalize_image(rgb).numpy()
+    assert ours.dtype == np.float32 and np.array_equal(ours.view(np.int32), ref.view(np.int32))
+    # the training normaliser (on the device, with the padding mask) gives the same values
+    u8 = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
+    valid = torch.ones(1, 1, *rgb.shape[:2], dtype=torch.bool)
+    valid[..., :10, :] = False
+    dev = normalize(u8, valid, MEAN, STD)[0].numpy()
+    assert np.array_equal(dev[:, 10:].view(np.int32), ref[:, 10:].view(np.int32)) and (dev[:, :10] == 0).all()
+    # float32 arithmetic (what both did before) is not the same: the test can tell them apart
+    f32 = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) \
+        / torch.tensor(STD).view(3, 1, 1)
+    assert not np.array_equal(f32.numpy(), ref)
+
+
 # ---------------------------------------------------------------------------------- train loader
 def test_train_batches_have_the_right_content(synth):
     labels = load_cls_labels(synth["root"] / "cls_labels.npy")
