@@ -120,13 +120,33 @@ def worker(variant: str, args) -> dict:
     return rec
 
 
-def run_variant(variant: str, args, tmp: Path) -> dict:
+def run_variant(variant: str, image_long: int, args, tmp: Path) -> dict:
     out, cams = tmp / f"{variant}.json", tmp / f"{variant}.npy"
     cmd = [sys.executable, __file__, "--worker", variant, "--record-out", str(out), "--cams-out", str(cams),
            "--width-div", str(args.width_div), "--threads", str(args.threads), "--reps", str(args.reps),
-           "--image-long", str(args.image_long), "--device", args.device]
+           "--image-long", str(image_long), "--device", args.device]
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     return json.loads(out.read_text())
+
+
+def compare(args, image_long: int, mem: str) -> tuple[list, dict]:
+    """Both variants at one image size: their records (with the CAM difference) and the ratios."""
+    import numpy as np
+    with tempfile.TemporaryDirectory() as tmp:
+        records = [run_variant(v, image_long, args, Path(tmp)) for v in VARIANTS]
+        cams = {v: Path(tmp) / f"{v}.npy" for v in VARIANTS}
+        whole = np.load(cams["whole_forward"]) if cams["whole_forward"].exists() else None
+        for rec, v in zip(records, VARIANTS):
+            if whole is not None and cams[v].exists():
+                rec["max_abs_diff_vs_whole"] = float(np.abs(np.load(cams[v]) - whole).max())
+    base, new = records
+    if "error" in base or "error" in new:
+        return records, {}
+    ratios = {"speedup_wall": base["ms_median"] / new["ms_median"],
+              "memory_ratio_whole_over_cam": base[mem] / max(new[mem], 1e-9)}
+    if "cpu_s_per_image" in new:
+        ratios["speedup_cpu_time"] = base["cpu_s_per_image"] / new["cpu_s_per_image"]
+    return records, {f"long{image_long}_{k}": v for k, v in ratios.items()}
 
 
 def main(argv=None) -> None:
@@ -134,9 +154,10 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="1 timed rep, the photo at 160 px long side")
     p.add_argument("--width-div", type=int, default=8, help="ResNet-38 width divisor (1 = the real network)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads per variant")
-    p.add_argument("--reps", type=int, default=2, help="timed calls per variant (after one warm-up)")
-    p.add_argument("--image-long", type=int, default=250,
-                   help="long side the photo is resized to first (500 = as stored; 250 keeps a 2-core run near 2 min)")
+    p.add_argument("--reps", type=int, default=1, help="timed calls per variant (after one warm-up)")
+    p.add_argument("--image-long", type=int, nargs="+", default=[250, 500],
+                   help="long sides the photo is resized to first, one pair of rows each (500 = as stored: PCM's "
+                        "HW x HW affinity grows with the 4th power of the side)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--out", help="result path without extension")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -147,24 +168,14 @@ def main(argv=None) -> None:
         Path(args.record_out).write_text(json.dumps(worker(args.worker, args)))
         return
     if args.quick:
-        args.reps, args.image_long = 1, 160
-    import numpy as np
+        args.reps, args.image_long = 1, [160]
     meta = collect_meta(benchmark="cam_inference", photo=PHOTO.name)   # the commit the run started on
-    with tempfile.TemporaryDirectory() as tmp:
-        records = [run_variant(v, args, Path(tmp)) for v in VARIANTS]
-        cams = {v: Path(tmp) / f"{v}.npy" for v in VARIANTS}
-        whole = np.load(cams["whole_forward"]) if cams["whole_forward"].exists() else None
-        for rec, v in zip(records, VARIANTS):
-            if whole is not None and cams[v].exists():
-                rec["max_abs_diff_vs_whole"] = float(np.abs(np.load(cams[v]) - whole).max())
-    base, new = records
     mem = "inference_alloc_mib" if args.device.startswith("cuda") else "inference_rss_mib"
-    summary = {}
-    if "error" not in base and "error" not in new:
-        summary = {"speedup_forward_cam_wall": base["ms_median"] / new["ms_median"],
-                   "inference_memory_ratio_whole_over_cam": base[mem] / max(new[mem], 1e-9)}
-        if "cpu_s_per_image" in new:
-            summary["speedup_forward_cam_cpu_time"] = base["cpu_s_per_image"] / new["cpu_s_per_image"]
+    records, summary = [], {}
+    for image_long in args.image_long:
+        rows, ratios = compare(args, image_long, mem)
+        records += rows
+        summary.update(ratios)
     meta.update(memory_column=mem, **summary)
     out = Path(args.out) if args.out else default_result_path("cam-inference")
     md = "\n\n" + "\n".join(f"- {k}: {v:.3g}" for k, v in summary.items()) + "\n"
