@@ -89,7 +89,7 @@ def worker(variant: str, args) -> dict:
     device = torch.device(args.device)
     net = CamNet(build_backbone("resnet38", width_div=args.width_div), pcm=True, projectors=True).eval().to(device)
     model = net if variant == "forward_cam" else _WholeForward(net)
-    image = _load_photo(args.image_long)
+    image = _load_photo(args.image_long[0])   # a worker gets one size
     label = np.zeros(20, np.float32)
     label[[14]] = 1   # a person: every class costs the same, the labels only mask the sum
 
