@@ -48,6 +48,9 @@ class DataConfig:
     workers: int = _f(2, "data loader worker processes per rank")
     shuffle_buffer: int = _f(256, "WebDataset sample shuffle buffer")
     resize_long: list = _f([448, 768], "random long-side resize range [min, max] (view 1)")
+    resize_mode: str = _f("whole", "view-1 resize: whole (the authors: resize the whole image, flip, jitter it, "
+                                   "crop) | window (faster: resize and jitter only the crop window; not the same "
+                                   "pixels: up to 15 grey levels apart on the fixture photos)")
     crop_size: int = _f(448, "random crop size of view 1 (pad: image 0, mask 255)")
     view2_size: int = _f(128, "view 2 = view 1 resized to this square size (on the device)")
     flip: bool = _f(True, "random horizontal flip")
@@ -507,6 +510,7 @@ def save_config(cfg: RunConfig, path: Path) -> None:
 
 
 _CHOICES = {
+    "data.resize_mode": ("whole", "window"),    # hsc_fast.data.transforms.RESIZE_MODES (data imports no config)
     "model.backbone": ("resnet38", "resnet50", "resnet18"),
     "model.rsc_proj": ("official", "paper"),
     "loss.method": METHODS,                      # registries: the choices are what is registered

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hsc_fast.classes import IGNORE_INDEX
+from hsc_fast.data.transforms import normalization_table
 from hsc_fast.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,11 +32,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalize_image(img_uint8_hwc: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 HWC -> float CHW normalised tensor."""
-    x = torch.from_numpy(np.ascontiguousarray(img_uint8_hwc)).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
-    return (x - m) / s
+    """uint8 (H, W, 3) -> float32 (3, H, W) ImageNet-normalised, as the authors compute it.
+
+    HSC's ``inference.py`` (and PSA's / SEAM's ``Normalize``) evaluate ``(x / 255 - mean) / std`` in
+    numpy float64 and store float32; this returns exactly those values (a per-channel lookup of the
+    256 possible results, :func:`hsc_fast.data.transforms.normalization_table`). Computing in
+    float32 instead differs by one float32 step on some values, which flipped 2 of 682k seed
+    pixels at near-ties on four VOC photos (issue 25)."""
+    img = np.asarray(img_uint8_hwc)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise DataError(f"normalize_image: expected a uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
+    table = normalization_table(mean, std)
+    return torch.from_numpy(table[np.arange(3)[:, None, None], img.transpose(2, 0, 1)])
 
 
 def cv2_module():

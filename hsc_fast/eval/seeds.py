@@ -2,8 +2,14 @@
 
 What is computed (the authors' inference.py, see notes/hsc-reference.md "Inference"):
   * per scale s (default 0.5/1.0/1.5/2.0) the image is resized with PIL bicubic to
-    (round(W*s), round(H*s)), normalised (ImageNet mean/std), and run with its horizontal flip;
-  * the raw CAM head output ``model(x)["cam"]`` (not the PCM-refined one), softmax over its K+1
+    (round(W*s), round(H*s)), normalised (ImageNet mean/std, in float64 then cast to float32 as the
+    authors: ``hsc_fast.data.seg_set.normalize_image``), and run with its horizontal flip;
+  * image and flip run as ONE batch of two (the authors run eight single-image passes); batch
+    members are computed independently, so this equals the per-pass results to fp32 round-off
+    (convolution algorithms may sum in another order for a batch of 2: ~1e-6 on the CAMs);
+  * only the CAM path runs: ``model.forward_cam(x)`` = backbone + the 1x1 CAM head, the raw CAM
+    (not the PCM-refined one), as the authors' ``forward_cam``; PCM (whose HW x HW affinity at
+    scale 2 of a VOC image does not fit a GPU) and the projectors are skipped. Softmax over its K+1
     channels (background last; 21 for VOC, 81 for COCO), bilinear upsampling (align_corners=False)
     to the image size, the flipped one flipped back, the K fg channels times the image labels, all
     summed;
@@ -118,6 +124,16 @@ def scaled_inputs(image: np.ndarray, scales: Sequence[float], mean, std) -> list
     return out
 
 
+def cam_logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The raw CAM of ``batch`` through the CAM path only (``model.forward_cam``): at inference
+    the authors run no PCM and no projectors, and ours would cost time and memory for nothing."""
+    forward_cam = getattr(model, "forward_cam", None)
+    if forward_cam is None:
+        raise ConfigError(f"CAM inference needs a model with forward_cam (backbone + CAM head only); "
+                          f"{type(model).__name__} has none")
+    return forward_cam(batch)
+
+
 @torch.inference_mode()
 def multiscale_cam(model: torch.nn.Module, image: np.ndarray, label: np.ndarray, *,
                    scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0), flip: bool = True,
@@ -125,8 +141,8 @@ def multiscale_cam(model: torch.nn.Module, image: np.ndarray, label: np.ndarray,
                    device="cpu", amp: Optional[bool] = None) -> torch.Tensor:
     """float32 (K, H, W) CAMs on ``device``: summed softmax CAMs times labels, each class / (max + 1e-5).
 
-    K is the length of ``label``; the model's "cam" must have K+1 channels, background last
-    (ConfigError otherwise). ``amp`` (default: on for CUDA) runs the model under bf16 autocast; the
+    K is the length of ``label``; ``model.forward_cam`` (the CAM path only: backbone + CAM head)
+    must give K+1 channels, background last (ConfigError otherwise). ``amp`` (default: on for CUDA) runs the model under bf16 autocast; the
     softmax and the sums are fp32.
     """
     device = torch.device(device)
@@ -140,7 +156,7 @@ def multiscale_cam(model: torch.nn.Module, image: np.ndarray, label: np.ndarray,
         x = x.to(device)[None]
         batch = torch.cat([x, x.flip(-1)]) if flip else x
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            cam = model(batch)["cam"]
+            cam = cam_logits(model, batch)
         if cam.shape[1] != k + 1:
             raise ConfigError(f"the CAM model has {cam.shape[1]} output channels but the image labels have {k} "
                               f"classes: expected {k + 1} (K fg + background last); the model and the class set "

@@ -69,19 +69,82 @@ def test_transform_shapes_ranges_and_padding(fixtures_dir):
     assert torch.equal(a["img"], b["img"])  # all randomness comes from the rng
 
 
-def test_crop_box_resize_matches_full_resize_then_crop(fixtures_dir):
-    image = Image.open(fixtures_dir / "voc" / "JPEGImages" / "2007_000033.jpg").convert("RGB")
-    t = TwoViewTransform(resize_long=(600, 600), crop_size=448, flip=False, color_jitter=(0, 0, 0, 0))
-    out = t(image, np.random.default_rng(1))
-    valid = out["valid"][0]
-    ys, xs = torch.nonzero(valid, as_tuple=True)
-    full = np.asarray(image.resize((600, round(366 * 600 / 500)), Image.BICUBIC), np.float32)
-    ours = out["img"].permute(1, 2, 0)[ys.min():ys.max() + 1, xs.min():xs.max() + 1].numpy().astype(np.float32)
-    h, w = ours.shape[:2]
-    # find the crop offset in the full resize (the padded axis has none)
-    best = min(((np.abs(full[y:y + h, x:x + w] - ours).mean(), y, x)
-                for y in range(full.shape[0] - h + 1) for x in range(full.shape[1] - w + 1)))
-    assert best[0] < 0.5  # mean abs difference below half a grey level
+def _authors_view(image: Image.Image, saliency: Image.Image, long_side: int, flip: bool, start, offset, crop: int):
+    """HSC dataset.py / imutils.py re-derived for given draws (no jitter): whole-image resize to the
+    long side (short side int(round(short * L / long)), PIL bicubic), saliency likewise as an RGB
+    image, flip, normalise (float64 -> float32) and /255., crop into zero float32 canvases, saliency
+    averaged over its channels. Returns (3, S, S) image and (1, S, S) saliency tensors."""
+    w, h = image.size
+    size = (int(round(w * long_side / h)), long_side) if w < h else (long_side, int(round(h * long_side / w)))
+    img, sal = image.resize(size, Image.BICUBIC), saliency.convert("RGB").resize(size, Image.BICUBIC)
+    if flip:
+        img, sal = img.transpose(Image.FLIP_LEFT_RIGHT), sal.transpose(Image.FLIP_LEFT_RIGHT)
+    img = _authors_normalisation(np.asarray(img)).transpose(1, 2, 0)
+    sal = np.asarray(sal) / 255.
+    (x, y), (ox, oy) = start, offset
+    ch, cw = min(crop, size[1]), min(crop, size[0])
+    canvas, canvas_sal = np.zeros((crop, crop, 3), np.float32), np.zeros((crop, crop, 3), np.float32)
+    canvas[oy:oy + ch, ox:ox + cw] = img[y:y + ch, x:x + cw]
+    canvas_sal[oy:oy + ch, ox:ox + cw] = sal[y:y + ch, x:x + cw]
+    return torch.from_numpy(canvas.transpose(2, 0, 1)), torch.from_numpy(canvas_sal.transpose(2, 0, 1)).mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("photo", ["2007_000032", "2007_000033"])
+@pytest.mark.parametrize("portrait", [False, True])
+def test_view1_equals_the_authors_whole_resize_then_crop(fixtures_dir, photo, portrait):
+    image = Image.open(fixtures_dir / "voc" / "JPEGImages" / f"{photo}.jpg").convert("RGB")
+    if portrait:
+        image = image.transpose(Image.TRANSPOSE)
+    grey = np.asarray(image.convert("L"))
+    saliency = Image.fromarray(np.clip(grey.astype(np.int16) * 2 - 100, 0, 255).astype(np.uint8), "L")
+    t = TwoViewTransform(crop_size=448, color_jitter=(0, 0, 0, 0))   # official: resize_mode whole
+    assert t.resize_mode == "whole"
+    flips = set()
+    for k in range(6):
+        rng = np.random.default_rng(k)
+        draw = t.draw(image.width, image.height, rng)
+        flips.add(draw.flip)
+        out = finish_batch(collate([dict(t.apply(image, draw, rng, saliency), key="x", label=torch.zeros(20))]),
+                           MEAN, STD)
+        ref_img, ref_sal = _authors_view(image, saliency, draw.long_side, draw.flip, draw.start, draw.offset, 448)
+        assert torch.equal(out["img"][0], ref_img)                      # bit for bit
+        assert torch.allclose(out["sal"][0], ref_sal, rtol=0, atol=1e-7)  # their 3-channel mean: fp32 round-off
+    assert flips == {False, True}
+
+
+def test_window_resize_mode_is_not_the_same_pixels(fixtures_dir):
+    """The faster window resize samples a different grid: same draws, a few grey levels apart."""
+    image = Image.open(fixtures_dir / "voc" / "JPEGImages" / "2007_000033.jpg").convert("RGB").transpose(Image.TRANSPOSE)
+    whole = TwoViewTransform(color_jitter=(0, 0, 0, 0))
+    window = TwoViewTransform(color_jitter=(0, 0, 0, 0), resize_mode="window")
+    rng = np.random.default_rng(3)
+    draw = whole.draw(image.width, image.height, rng)
+    a, b = (m.apply(image, draw, rng)["img"].int() for m in (whole, window))
+    diff = (a - b).abs()[:, whole.apply(image, draw, rng)["valid"][0]]
+    assert 0 < diff.max() <= 20 and diff.float().mean() < 1.0
+
+
+def test_resized_size_rounds_as_the_authors():
+    from hsc_fast.data.transforms import resized_size
+    for w in range(1, 400, 7):
+        for h in range(1, 400, 11):
+            for long_side in (448, 523, 768):
+                ref = (int(round(w * long_side / h)), long_side) if w < h else (long_side, int(round(h * long_side / w)))
+                assert resized_size(w, h, long_side) == (max(1, ref[0]), max(1, ref[1]))
+    # at exact halves the order of the operations matters: 201 * (448 / 384) = 234.50000000000003 rounds
+    # up, the authors' 201 * 448 / 384 = 234.5 rounds to even (the old rule gave 235)
+    assert resized_size(384, 201, 448) == (448, 234) and round(201 * (448 / 384)) == 235
+
+
+def test_resize_mode_is_a_checked_config_key():
+    from hsc_fast.config import RunConfig, validate
+    from hsc_fast.errors import ConfigError
+    cfg = RunConfig()
+    cfg.data.resize_mode = "crop"
+    with pytest.raises(ConfigError, match="data.resize_mode"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match="data.resize_mode"):
+        TwoViewTransform(resize_mode="crop")
 
 
 def test_jitter_matches_torchvision_semantics(fixtures_dir):
@@ -117,6 +180,35 @@ def test_make_view2_and_denormalize():
     u8 = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
     norm = (u8.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     assert torch.equal(denormalize(norm, MEAN, STD), u8)
+
+
+def _authors_normalisation(rgb: np.ndarray) -> np.ndarray:
+    """HSC inference.py / imutils.Normalize re-derived: per channel (x / 255. - mean) / std in numpy
+    float64, stored into float32; (3, H, W)."""
+    out = np.empty(rgb.shape, np.float32)
+    for c in range(3):
+        out[..., c] = (rgb[..., c] / 255. - MEAN[c]) / STD[c]
+    return out.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("photo", ["2007_000032", "2007_000033"])
+def test_normalisation_is_the_authors_float64_one_bit_for_bit(fixtures_dir, photo):
+    from hsc_fast.data.seg_set import normalize_image
+    from hsc_fast.data.transforms import normalize
+    rgb = np.asarray(Image.open(fixtures_dir / "voc" / "JPEGImages" / f"{photo}.jpg").convert("RGB"))
+    ref = _authors_normalisation(rgb)
+    ours = normalize_image(rgb).numpy()
+    assert ours.dtype == np.float32 and np.array_equal(ours.view(np.int32), ref.view(np.int32))
+    # the training normaliser (on the device, with the padding mask) gives the same values
+    u8 = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
+    valid = torch.ones(1, 1, *rgb.shape[:2], dtype=torch.bool)
+    valid[..., :10, :] = False
+    dev = normalize(u8, valid, MEAN, STD)[0].numpy()
+    assert np.array_equal(dev[:, 10:].view(np.int32), ref[:, 10:].view(np.int32)) and (dev[:, :10] == 0).all()
+    # float32 arithmetic (what both did before) is not the same: the test can tell them apart
+    f32 = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) \
+        / torch.tensor(STD).view(3, 1, 1)
+    assert not np.array_equal(f32.numpy(), ref)
 
 
 # ---------------------------------------------------------------------------------- train loader

@@ -11,7 +11,7 @@ from PIL import Image
 
 from hsc_fast.config import RunConfig, SeedConfig
 from hsc_fast.crf import CrfParams
-from hsc_fast.errors import WeightsError
+from hsc_fast.errors import ConfigError, WeightsError
 from hsc_fast.eval.evaluate import evaluate, read_cam_file, seeds_from_cams
 from hsc_fast.eval.seeds import PseudoLabelParams, SeedJob, crf_input, crf_label, infer_cam_files, label_from_crf, load_cam_model, multiscale_cam, open_samples, run_cam_stage, split_ids, write_labels
 from hsc_fast.cli.make_seeds import main
@@ -21,8 +21,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class FakeCam(torch.nn.Module):
-    """{"cam": conv(x)} at 1/stride resolution; with a mirror-symmetric kernel and stride 1 it is
-    exactly flip-equivariant. Records the ids of the images it saw (via their sizes) when asked."""
+    """forward_cam(x) = conv(x) at 1/stride resolution (forward: {"cam": that}); with a
+    mirror-symmetric kernel and stride 1 it is exactly flip-equivariant. Counts its CAM passes."""
 
     def __init__(self, kernel=3, stride=1, symmetric=False, seed=0):
         super().__init__()
@@ -34,9 +34,12 @@ class FakeCam(torch.nn.Module):
         self.conv.weight.data.copy_(w)
         self.calls = 0
 
-    def forward(self, x):
+    def forward_cam(self, x):
         self.calls += 1
-        return {"cam": self.conv(x) * 2.0}
+        return self.conv(x) * 2.0
+
+    def forward(self, x):
+        return {"cam": self.forward_cam(x)}
 
 
 def _image(h=37, w=53, seed=0):
@@ -49,18 +52,19 @@ def _label(*classes):
     return v
 
 
-def reference_cam(model, image, label, scales, flip):
-    """The recipe written out plainly: per scale and flip, PIL bicubic, normalise, softmax, upsample."""
+def reference_cam(model, image, label, scales, flip, cam_fn=lambda model, x: model.forward_cam(x)):
+    """The recipe written out plainly (HSC inference.py): per scale and flip one pass of the CAM path,
+    PIL bicubic, normalise in float64 then cast, softmax, upsample."""
     h, w = image.shape[:2]
     total = np.zeros((20, h, w), np.float64)
     for s in scales:
         im = Image.fromarray(image).resize((round(w * s), round(h * s)), Image.BICUBIC)
-        x = (np.asarray(im, np.float32) / 255 - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
+        x = ((np.asarray(im) / 255.0 - np.array(MEAN)) / np.array(STD)).astype(np.float32)
         views = [x, x[:, ::-1]] if flip else [x]
         for j, v in enumerate(views):
             t = torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1)))[None]
             with torch.no_grad():
-                logits = model(t)["cam"]
+                logits = cam_fn(model, t)
             p = F.interpolate(torch.softmax(logits, 1), size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
             if j == 1:
                 p = p[:, :, ::-1]
@@ -101,6 +105,36 @@ def test_flip_averaging():
     # a model that is NOT flip-equivariant really is affected by the flip option
     assert not np.allclose(multiscale_cam(model, img, lab, scales=(1.0,), flip=False).numpy(),
                            multiscale_cam(model, img, lab, scales=(1.0,), flip=True).numpy(), atol=1e-3)
+
+
+def test_cam_inference_runs_the_cam_path_only(fixtures_dir):
+    """A real CamNet with PCM and both projectors: multiscale_cam never calls them, and its CAMs
+    equal the recipe run pass by pass through the whole training forward's "cam" output."""
+    from hsc_fast.models.backbones import build_backbone
+    from hsc_fast.models.cam_net import CamNet
+    torch.manual_seed(0)
+    net = CamNet(build_backbone("resnet38", width_div=16), pcm=True, projectors=True).eval()
+    calls = []
+    for part in (net.pcm, net.psc_proj, net.rsc_proj):
+        part.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    photo = Image.open(fixtures_dir / "voc" / "JPEGImages" / "2007_000032.jpg").convert("RGB")
+    img, lab = np.asarray(photo.resize((100, 56), Image.BICUBIC)), _label(0, 14)
+    cams = multiscale_cam(net, img, lab, scales=(0.5, 1.0, 1.5, 2.0), flip=True).numpy()
+    assert calls == []
+    ref = reference_cam(net, img, lab, (0.5, 1.0, 1.5, 2.0), True, cam_fn=lambda m, x: m(x)["cam"])
+    assert len(calls) == 3 * 8                      # the hooks do fire on the training forward
+    np.testing.assert_allclose(cams, ref, rtol=0, atol=1e-6)   # measured <= 3.2e-7
+    keys = np.array([0, 14])
+    for t in (0.1, 0.22, 0.4):                      # the seeds are the same label maps
+        assert np.array_equal(seeds_from_cams(keys, cams[keys], t), seeds_from_cams(keys, ref[keys].astype(np.float32), t))
+
+
+def test_cam_inference_needs_forward_cam():
+    class DictOnly(torch.nn.Module):
+        def forward(self, x):
+            return {"cam": x}
+    with pytest.raises(ConfigError, match="forward_cam"):
+        multiscale_cam(DictOnly(), _image(), _label(1), scales=(1.0,))
 
 
 def _voc_tree(root, n=5, size=(24, 32)):
@@ -256,9 +290,9 @@ def _two_rank_worker(rank, world, init_file, root, out, ids, result_file):
         sizes = []
 
         class Recorder(FakeCam):
-            def forward(self, x):
+            def forward_cam(self, x):
                 sizes.append(tuple(x.shape[-2:]))
-                return super().forward(x)
+                return super().forward_cam(x)
         job = _job(root, out, ids)
         n = run_cam_stage(job, Recorder(stride=2).eval(), "cpu")
         # every image of the tree has its own size: the full-scale inputs tell which ids this rank ran
