@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["hsc_fast", "hsc_fast.*", "kernels", "kernels.*"]),
     # Lower bounds = the versions the test suite runs with (constraints.txt pins them for CI and
     # `make setup`; tests/test_versions.py keeps both equal); no upper bounds: none is known to
-    # break. Nothing older is tested (docs/_incoming/versions.md). GPU clusters keep their own CUDA
+    # break. Nothing older is tested (docs: getting-started/install.md). GPU clusters keep their own CUDA
     # torch build as long as it is >= the tested version.
     install_requires=[
         "torch>=2.14.1",

@@ -45,7 +45,7 @@ from hsc_fast.eval.evaluate import confusion_matrix, miou_from_confusion# noqa: 
 from hsc_fast.data.voc import read_label_png, read_sbd_mat  # noqa: E402
 
 FIXTURES = REPO.parent / "shared" / "fixtures"
-SEED_ALPHA = 7          # bg = (1 - max fg)^alpha, as in the README recipe (t=8, alpha=7)
+SEED_ALPHA = 7          # bg = (1 - max fg)^alpha, the authors' VOC value (docs: stages/seeds.md; t=8, alpha=7)
 
 
 # ------------------------------------------------------------------------------------- inputs

@@ -26,7 +26,7 @@ def test_official_and_paper_presets_carry_their_recipes():
     assert (off.loss.method, off.loss.rsc_normalize, off.loss.csc_topk, off.loss.psc_topk) == ("hsc_eps", "width", 128, 16)
     assert off.optim.official_momentum_quirk and off.optim.poly_steps == 13215 and off.train.max_steps == 20000
     assert (paper.loss.rsc_normalize, paper.loss.csc_topk, paper.loss.psc_topk, paper.loss.psc_momentum) == ("channel", 16, 32, 0.9)
-    # the paper's equations; contrast down-sampled to 16x16 as its Sec. 3.4 says (README "Two formulations")
+    # the paper's equations; contrast down-sampled to 16x16 as its Sec. 3.4 says (docs: reference/formulations.md)
     assert (off.loss.formulation, paper.loss.formulation) == ("code", "paper")
     assert paper.loss.contrast_size == 16 and paper.model.rsc_proj == "paper"
     assert not paper.optim.official_momentum_quirk and paper.optim.poly_steps == paper.train.max_steps

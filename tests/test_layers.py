@@ -1,4 +1,4 @@
-"""The import layers of the tree (README "Layout"): every arrow the architecture forbids fails here.
+"""The import layers of the tree (docs: reference/architecture.md): every arrow the architecture forbids fails here.
 
 Imports are read with ``ast`` from every module of hsc_fast/, kernels/ and launch/, including the
 lazy ones inside functions, so a deferred import cannot hide an arrow. Each module belongs to one

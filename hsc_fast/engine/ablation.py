@@ -27,8 +27,8 @@ cross supervision gives 60.7; momentum prototypes then give 63.5 and the CRF-ref
 pseudo-labels 64.2 / 64.3. Our `loss.crf.enabled` refines the labels of PSC and RSC together
 (CSC reads CAM scores, no labels), so the paper's CRF-dagger and CRF columns are one switch and
 its last two rows are our `hsc_seam`. The row "full HSC (SEAM), paper formulation" is `hsc_seam`
-with `loss.formulation: paper` (the paper's equations instead of the authors' code; README "Two
-formulations"); it has no published number.
+with `loss.formulation: paper` (the paper's equations instead of the authors' code; docs:
+reference/formulations.md); it has no published number.
 
 The rows are read from the method registry: every method declares its own (``Method.ablation``,
 ``AblationRow`` in hsc_fast/losses/methods/: the Table 4 rows live in methods/hsc.py), so a new

@@ -2,7 +2,7 @@
 
 WSSS methods start from an ImageNet classifier; the CAM stage only fine-tunes features that already
 tell objects apart. No machine here has ImageNet weights, and from random init the CAM classifier
-of `make demo` / `make ablation` never leaves the label prior at a CPU budget (README, Ablation).
+of `make demo` / `make ablation` never leaves the label prior at a CPU budget (docs: results/ablation.md).
 So, like ImageNet pretraining, SynthNet trains the backbone as a plain classifier on a *different*
 image set: single-object pictures rendered by `hsc_fast.data.synth` under their own seed and ids
 (image-level class only, no masks, classes balanced), 20-way softmax, the standard (undilated,

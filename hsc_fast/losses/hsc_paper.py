@@ -1,8 +1,8 @@
 """HSC as the paper writes it (Wu et al., IJCAI 2023, Sec. 3.2-3.4): `loss.formulation: paper`.
 
 The authors' code (`hsc.py`, `loss.formulation: code`, what the published numbers were trained
-with) differs from the paper's equations in RSC and CSC; README "Two formulations: the authors'
-code and the paper's equations" tabulates every difference. Same inputs, signatures and return
+with) differs from the paper's equations in RSC and CSC; the docs page reference/formulations.md
+(the authors' code and the paper's equations) tabulates every difference. Same inputs, signatures and return
 values as the code's losses (loss, new_bank1, new_bank2), inputs never mutated; `dist_ctx` makes
 every batch statistic global over the data-parallel ranks (prototypes module docstring).
 

@@ -126,7 +126,7 @@ def loop_csc(u1, s1, u2, s2, label, bank1, bank2, k, weight=0.1, lam=LAM, cross=
 
 def prototypes(cam, u, k):
     """Eq. 10 over the whole batch: top-k_p pixels of the normalised CAM channel c, score-weighted
-    mean of the detached u2, then L2-normalised (the code's choice, kept: README)."""
+    mean of the detached u2, then L2-normalised (the code's choice, kept: docs reference/formulations.md)."""
     n, _, h, w = u.shape
     out = []
     for c in range(21):

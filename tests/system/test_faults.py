@@ -1,4 +1,4 @@
-"""Reliability promises of a training run (README "Reliability"): a killed rank, a kill while a
+"""Reliability promises of a training run (docs: results/reliability.md): a killed rank, a kill while a
 checkpoint is written, corrupt data and bad configuration. (Non-finite losses, a killed rank's
 peers exiting and a clean resume are tested in test_train.py / test_train_dist.py.)
 

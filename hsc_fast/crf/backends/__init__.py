@@ -3,7 +3,7 @@
 A module here calls ``hsc_fast.crf.register_backend(name, fn, batched=...)`` (seeds and DeepLab
 test CRF: ``seeds.crf.backend``, ``deeplab.crf.backend``) and/or
 ``hsc_fast.crf.train.register_train_backend(name, fn, batched=...)`` (``loss.crf.backend``), so
-adding a backend is its file and its test; the config's choices, ``--help``, the README config
+adding a backend is its file and its test; the config's choices, ``--help``, the generated config
 reference and ``benchmarks/bench_crf.py`` read the registries. The built-in backends are
 registered by ``hsc_fast.crf`` (pydensecrf, gpu) and ``hsc_fast.crf.train`` (lattice, dense,
 pydensecrf). Keep module-level imports light: pydensecrf pool workers import this package too.

@@ -5,7 +5,8 @@ A method is one file in this folder that calls ``register_method``: it declares 
 CRF), checks its own geometry, and returns its loss terms on top of the shared SEAM baseline
 (cls + er + ecr, and EPS's saliency term when it needs saliency). Every module here is imported
 when the registry is first read, so adding a method is its file, its preset and its test; the
-config's choices, ``--help`` and the README config reference are read from the registry.
+config's choices, ``--help`` and the generated config reference (docs: reference/config-keys.md) are
+read from the registry.
 """
 from __future__ import annotations
 
