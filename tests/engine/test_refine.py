@@ -51,16 +51,28 @@ def tiny(tmp_path_factory):
     return {"root": out, "voc": voc, "ids": ids, "cams": cams, "cam_run": cam_run, "cfg": cfg}
 
 
-def test_refine_end_to_end_writes_labels_trains_and_walks(tiny, group, tmp_path):
+def _stored_label(cfg, folder, key):
+    """The stride-1 affinity label of either storage (scores: PSA's rule on the stored maps)."""
+    from hsc_fast.data.voc import read_label_png
+    from hsc_fast.engine.affinity_data import load_affinity_scores
+    from hsc_fast.eval.affinity_labels import affinity_label_from_scores
+    if cfg.refine.label_pooling == "vote":
+        return read_label_png(folder / f"{key}.png")
+    return affinity_label_from_scores(*load_affinity_scores(folder / f"{key}.npz"))
+
+
+@pytest.mark.parametrize("pooling", ["scores", "vote"])
+def test_refine_end_to_end_writes_labels_trains_and_walks(tiny, group, tmp_path, pooling):
     from hsc_fast.data.voc import read_label_png
     from hsc_fast.engine import refine as R
     from hsc_fast.engine.runlog import read_metrics
     from hsc_fast.eval.evaluate import evaluate
     cfg, ids, data = tiny["cfg"], tiny["ids"], str(tiny["root"])
+    cfg = dataclasses.replace(cfg, refine=dataclasses.replace(cfg.refine, label_pooling=pooling))
     run = tmp_path / "refine"
     assert R.make_affinity_labels(cfg, data, tiny["cams"], run / R.AFF_LABELS, ids) == len(ids)
     for key in ids:   # PSA's labels: VOC ids of the image's classes, bg, 255; never a class it lacks
-        label = read_label_png(run / R.AFF_LABELS / f"{key}.png")
+        label = _stored_label(cfg, run / R.AFF_LABELS, key)
         gt = read_label_png(tiny["voc"] / "SegmentationClass" / f"{key}.png")
         assert set(np.unique(label)) <= set(np.unique(gt)) | {0, 255}
     assert R.make_affinity_labels(cfg, data, tiny["cams"], run / R.AFF_LABELS, ids) == 0     # resumable
