@@ -135,7 +135,7 @@ class AffinityTrainSet(torch.utils.data.Dataset):
         if img.shape[:2] != tuple(target.shape[-2:]):
             raise DataError(f"id '{key}': image {img.shape[:2]} and affinity label {tuple(target.shape[-2:])} differ")
         if self.color_jitter and any(self.color_jitter):
-            img = np.asarray(jitter(Image.fromarray(img), self.color_jitter, rng))
+            img = np.array(jitter(Image.fromarray(img), self.color_jitter, rng))
         x = normalize_image(img)
         x, target = self._rescale(x, target, rng)
         box = psa_crop_box(x.shape[1], x.shape[2], self.crop, rng)

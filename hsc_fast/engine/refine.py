@@ -239,10 +239,11 @@ class AffinityTrainer(LabelMapLoop):
         world = self.info.world_size
         if self.cfg.refine.loss_reduction != "batch" or world == 1:
             return None
+        from hsc_fast.losses.affinity import global_count_scale
         local = torch.stack([m.sum() for m in targets]).double()
         total = local.clone()
         torch.distributed.all_reduce(total)
-        return [float(world * (lc + 1e-5) / (tc + 1e-5)) for lc, tc in zip(local.tolist(), total.tolist())]
+        return global_count_scale(local.tolist(), total.tolist(), world)
 
 
 def affinity_ds_config(cfg: RunConfig, world_size: int, path: Optional[str] = None) -> dict:

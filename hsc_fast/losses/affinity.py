@@ -63,6 +63,12 @@ def _part(terms: torch.Tensor, mask: torch.Tensor, eps: float) -> tuple[torch.Te
     return total / (count + eps), count
 
 
+def global_count_scale(local_counts, global_counts, world_size: int, eps: float = PSA_LOSS_EPS) -> list[float]:
+    """count_scale for affinity_loss: W x (local count + eps) / (global count + eps) per part, so the
+    mean over W ranks of the scaled rank means is the mean over the whole global batch."""
+    return [float(world_size * (lc + eps) / (gc + eps)) for lc, gc in zip(local_counts, global_counts)]
+
+
 def affinity_loss(affinity: torch.Tensor, targets, *, eps: float = PSA_LOSS_EPS,
                   count_scale=None) -> tuple[torch.Tensor, dict]:
     """PSA's balanced affinity loss -> (total, {"bg", "fg", "neg": the three means,
