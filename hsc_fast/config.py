@@ -273,7 +273,9 @@ class RefineConfig:
     alpha_high: Union[float, str] = _f("auto", "affinity labels: CRF background alpha giving the confident background "
                                                "(PSA's ha 32); auto: 32/7 of the seed CRF's alpha")
     radius: int = _f(5, "affinity pairs within this radius at feature resolution (stride 8)")
-    backbone: str = _f("", "AffinityNet backbone: '' = model.backbone (initialised from the CAM network's)")
+    backbone: str = _f("", "AffinityNet backbone: '' = model.backbone")
+    init: str = _f("cam", "AffinityNet backbone start: cam (the trained CAM network's backbone) | imagenet "
+                          "(model.weights, as PSA's / SEAM's train_aff.py --weights)")
     feat_dim: int = _f(448, "affinity feature channels")
     batch_size: int = _f(8, "images per rank per step")
     crop_size: int = _f(448, "training crop (pad image 0, label 255)")
@@ -519,6 +521,7 @@ _CHOICES = {
     "refine.method": ("none", "psa"),
     "refine.backbone": ("", "resnet38", "resnet50", "resnet18"),
     "refine.crop_pad": ("normalized_zero", "black"),
+    "refine.init": ("cam", "imagenet"),
     "refine.pairs": ("all", "psa_crop"),
     "refine.label_pooling": ("vote", "scores"),
     "refine.loss_reduction": ("rank", "batch"),

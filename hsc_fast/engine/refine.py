@@ -21,7 +21,8 @@
 
 PSA's recipe is ``refine.pairs: psa_crop``, ``label_pooling: scores``, ``crop_pad: black``,
 ``walk_pad8: true``, ``scale_range: [1, 1]``, ``color_jitter: [0.3, 0.3, 0.3, 0.1]``,
-``momentum_quirk: true``, ``weight_decay: 5e-4``, ``epochs: 8`` (configs/hsc_eps_official.yaml);
+``momentum_quirk: true``, ``weight_decay: 5e-4``, ``epochs: 8``, ``loss_reduction: batch``,
+``init: imagenet`` (configs/hsc_eps_official.yaml);
 SEAM's copy differs in lr 0.01, alpha_high 24, bg_alpha 6, logt 6 (configs/seam.yaml).
 
 Every step is resumable: finished PNGs are skipped, training resumes from its checkpoints; ranks
@@ -188,6 +189,18 @@ def affinity_optim_config(cfg: RunConfig, steps: Optional[int] = None) -> OptimC
                        poly_steps=r.max_steps if steps is None else steps)
 
 
+def affinity_init_state(cfg: RunConfig, cam_run) -> dict:
+    """The backbone AffinityNet starts from: the CAM run's (refine.init: cam) or the ImageNet
+    weights of model.weights (imagenet: PSA's and SEAM's train_aff.py)."""
+    if cfg.refine.init == "cam":
+        return cam_backbone_state(cam_run)
+    if refine_backbone(cfg) != cfg.model.backbone:
+        raise ConfigError(f"refine.init imagenet loads model.weights ({cfg.model.backbone}); refine.backbone "
+                          f"{cfg.refine.backbone!r} differs")
+    from hsc_fast.models import build_cam_model
+    return build_cam_model(cfg.model, load_weights=True).state_dict()
+
+
 def cam_backbone_state(cam_run) -> dict:
     """The trained CAM network's state dict (RUN/cam/final/model.pt or its newest checkpoint)."""
     from hsc_fast.engine.deeplab_trainer import resolve_model_file
@@ -271,7 +284,7 @@ def train_affinity(cfg: RunConfig, run_dir, *, images: str, labels_dir, train_id
                    resume: str = "auto", progress: bool = True, local_rank: Optional[int] = None) -> dict:
     """Train AffinityNet from the CAM run's backbone; joins an existing process group or makes one."""
     check_refine_config(cfg)
-    init_state = cam_backbone_state(cam_run)
+    init_state = affinity_init_state(cfg, cam_run)
     steps = affinity_steps(cfg, len(train_ids), planned_world_size())
     env = {"stage": "affinity", "images": str(images), "labels_dir": str(labels_dir), "n_train_ids": len(train_ids),
            "steps": steps}

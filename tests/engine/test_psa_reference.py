@@ -153,6 +153,7 @@ def test_official_presets_set_psas_recipe_and_seams_variant():
     assert (psa.momentum_quirk, psa.weight_decay, psa.lr, psa.epochs, psa.batch_size, psa.loss_reduction) == \
         (True, 5e-4, 0.1, 8, 8, "batch")
     assert (psa.alpha_low, psa.alpha_high, psa.bg_alpha, psa.beta, psa.logt) == (4, 32, 16, 8, 8)
+    assert psa.init == "imagenet" and load_config("demo").refine.init == "cam"
     assert (seam.lr, seam.alpha_low, seam.alpha_high, seam.bg_alpha, seam.beta, seam.logt) == (0.01, 4, 24, 6, 8, 6)
     assert seam.pairs == "psa_crop" and load_config("hsc_coco_eps").refine.alpha_high == 32
 
