@@ -259,3 +259,19 @@ def test_masks_equal_psas_on_fixture_photos():
         np.testing.assert_array_equal(got, want)
         differs += int((walk_one(model, img, keys, cams, ours_cfg, "cpu", bg_alpha=16.0) != want).sum())
     assert differs > 0
+
+
+def test_bad_recipe_values_are_named(tmp_path):
+    from hsc_fast.engine.affinity_data import load_affinity_scores
+    from hsc_fast.engine.refine import affinity_init_state, check_refine_config
+    from hsc_fast.errors import ConfigError, DataError
+    with pytest.raises(ConfigError, match="refine.color_jitter"):
+        check_refine_config(load_config("hsc_eps_official", ["refine.color_jitter=[0.3,0.3]"]))
+    with pytest.raises(ConfigError, match="refine.pairs"):
+        load_config("hsc_eps_official", ["refine.pairs=every"])
+    with pytest.raises(ConfigError, match="refine.backbone"):
+        affinity_init_state(load_config("hsc_eps_official", ["refine.backbone=resnet18"]), tmp_path)
+    bad = tmp_path / "x.npz"
+    np.savez(bad, low=np.zeros((2, 4, 4), np.float32), high=np.zeros((3, 4, 4), np.float32), keys=np.array([1]))
+    with pytest.raises(DataError, match="x.npz"):
+        load_affinity_scores(bad)
