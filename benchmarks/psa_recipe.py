@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--n-train", type=int, default=24)
-    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--recipes", nargs="+", default=["psa", "ours"])
     args = ap.parse_args()
@@ -78,7 +78,7 @@ def main() -> None:
     base = load_config("demo", [f"data.train={out}", f"data.sbd_root={out / 'SBD'}", "data.workers=0",
                                 "model.weights=", "model.allow_random_init=true", "train.tensorboard=false",
                                 "train.deterministic=true", "refine.method=psa", "refine.batch_size=4",
-                                "refine.crop_size=64", f"refine.max_steps={args.steps}",
+                                "refine.crop_size=112", f"refine.max_steps={args.steps}",
                                 f"refine.save_every={args.steps}", "refine.feat_dim=32", "refine.lr=0.05",
                                 "refine.logt=6", "refine.alpha_low=1.14", "refine.alpha_high=9.1",
                                 "refine.bg_alpha=4.57", "seeds.crf.alpha=2"])

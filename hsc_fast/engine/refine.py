@@ -69,6 +69,11 @@ def check_refine_config(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'refine.scale_range': expected [min, max] with 0 < min <= max, got {r.scale_range}")
     if len(r.color_jitter) not in (0, 4) or any(v < 0 for v in r.color_jitter):
         raise ConfigError(f"config key 'refine.color_jitter': expected [] or four values >= 0, got {r.color_jitter}")
+    grid, floor = -(-r.crop_size // FEATURE_STRIDE), r.radius - 1
+    if r.pairs == "psa_crop" and grid <= 2 * floor:   # PSA's first ends: columns [floor, grid - floor)
+        raise ConfigError(f"config key 'refine.crop_size': {r.crop_size} px is a {grid}x{grid} grid, where PSA's pair "
+                          f"subset (refine.pairs: psa_crop, radius {r.radius}) is empty; use a crop of at least "
+                          f"{FEATURE_STRIDE * (2 * floor + 1)} px or refine.pairs: all")
     if r.epochs < 0 or r.momentum < 0 or r.weight_decay < 0:
         raise ConfigError("config keys 'refine.epochs', 'refine.momentum', 'refine.weight_decay': expected >= 0")
 

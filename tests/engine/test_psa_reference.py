@@ -267,6 +267,9 @@ def test_bad_recipe_values_are_named(tmp_path):
     from hsc_fast.errors import ConfigError, DataError
     with pytest.raises(ConfigError, match="refine.color_jitter"):
         check_refine_config(load_config("hsc_eps_official", ["refine.color_jitter=[0.3,0.3]"]))
+    with pytest.raises(ConfigError, match="refine.crop_size.*empty"):    # a 8x8 grid has no PSA pair
+        check_refine_config(load_config("hsc_eps_official", ["refine.crop_size=64"]))
+    check_refine_config(load_config("hsc_eps_official", ["refine.crop_size=64", "refine.pairs=all"]))
     with pytest.raises(ConfigError, match="refine.pairs"):
         load_config("hsc_eps_official", ["refine.pairs=every"])
     with pytest.raises(ConfigError, match="refine.backbone"):

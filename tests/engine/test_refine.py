@@ -42,7 +42,7 @@ def tiny(tmp_path_factory):
     cfg = load_config("demo", [f"data.train={out}", f"data.sbd_root={out / 'SBD'}", "data.workers=0",
                                "model.weights=", "model.allow_random_init=true", "train.tensorboard=false",
                                "train.deterministic=true", "refine.method=psa", "refine.batch_size=2",
-                               "refine.crop_size=48", "refine.max_steps=6", "refine.save_every=3",
+                               "refine.crop_size=72", "refine.max_steps=6", "refine.save_every=3",
                                "refine.feat_dim=16", "refine.lr=0.01", "refine.logt=4"])
     cam_run = out / "cam"
     (cam_run / "final").mkdir(parents=True)
@@ -82,6 +82,7 @@ def test_refine_end_to_end_writes_labels_trains_and_walks(tiny, group, tmp_path,
     rows = read_metrics(run / R.AFFINITY / "metrics.csv")
     assert [r["step"] for r in rows] == [str(s) for s in range(1, 7)]
     assert all(np.isfinite(float(r[k])) for r in rows for k in ("loss", "bg", "fg", "neg"))
+    assert all(float(r["loss"]) > 0 for r in rows)          # PSA's pair subset of the crop is not empty
     model = R.load_affinity_net(cfg, run / R.AFFINITY, torch.device("cpu"))
     assert R.random_walk_masks(cfg, model, data, tiny["cams"], run / R.MASKS, ids, device="cpu") == len(ids)
     result = evaluate(tiny["voc"] / "SegmentationClass", pred_dir=run / R.MASKS, ids=ids)
