@@ -277,14 +277,34 @@ class RefineConfig:
     alpha_high: Union[float, str] = _f("auto", "affinity labels: CRF background alpha giving the confident background "
                                                "(PSA's ha 32); auto: 32/7 of the seed CRF's alpha")
     radius: int = _f(5, "affinity pairs within this radius at feature resolution (stride 8)")
-    backbone: str = _f("", "AffinityNet backbone: '' = model.backbone (initialised from the CAM network's)")
+    backbone: str = _f("", "AffinityNet backbone: '' = model.backbone")
+    init: str = _f("cam", "AffinityNet backbone start: cam (the trained CAM network's backbone) | imagenet "
+                          "(model.weights, as PSA's / SEAM's train_aff.py --weights)")
     feat_dim: int = _f(448, "affinity feature channels")
     batch_size: int = _f(8, "images per rank per step")
     crop_size: int = _f(448, "training crop (pad image 0, label 255)")
-    scale_range: list = _f([0.7, 1.3], "random scale range (PSA: long side 448-768 of 448 crops)")
-    lr: float = _f(0.1, "base learning rate (x10 for the new layers), poly decay")
-    weight_decay: float = _f(1e-4, "weight decay")
-    max_steps: int = _f(8000, "optimiser steps (PSA: 8 epochs of train_aug at batch 8)")
+    scale_range: list = _f([0.7, 1.3], "random scale range; [1, 1] = no rescale (PSA's train_aff.py)")
+    color_jitter: list = _f([], "ColorJitter [brightness, contrast, saturation, hue] on the image before the "
+                                "crop; [] = none (PSA: [0.3, 0.3, 0.3, 0.1])")
+    crop_pad: str = _f("normalized_zero", "crop padding of the image: normalized_zero (0 after normalisation) | "
+                                          "black (0 = black before normalisation, PSA)")
+    pairs: str = _f("all", "affinity pairs in training and the walk: all (every pair with both ends in the image) | "
+                           "psa_crop (PSA: first end not in the last r-1 rows nor the first/last r-1 columns)")
+    label_pooling: str = _f("vote", "affinity labels at stride 8: vote (labels stored at stride 1, 8x8 majority "
+                                    "vote after the crop) | scores (PSA: CRF scores stored, cropped, pooled 8x8, "
+                                    "then the label rule)")
+    walk_pad8: bool = _f(False, "random walk: pad the normalised image with 0 to a multiple of 8 before the "
+                                "network (PSA's infer_aff.py)")
+    loss_reduction: str = _f("rank", "pair-loss means over: rank (each rank's batch; DDP averages) | batch (the "
+                                     "whole global batch: pair counts summed over ranks, as PSA's DataParallel)")
+    lr: float = _f(0.1, "base learning rate (x2 biases, x10 / x20 new layers), poly decay (PSA 0.1, SEAM 0.01)")
+    weight_decay: float = _f(1e-4, "weight decay of the weights (biases none) (PSA: 5e-4)")
+    momentum: float = _f(0.9, "SGD momentum (used unless momentum_quirk)")
+    momentum_quirk: bool = _f(False, "PSA's SGD(params, lr, weight_decay): the weight-decay value lands in the "
+                                     "momentum slot (momentum = refine.weight_decay)")
+    epochs: int = _f(0, "> 0: train len(train ids) // (batch_size x ranks) x epochs steps (PSA: 8), "
+                        "overriding max_steps")
+    max_steps: int = _f(8000, "optimiser steps when refine.epochs is 0")
     save_every: int = _f(1000, "checkpoint every N steps")
     beta: float = _f(8.0, "random walk: affinity power")
     logt: int = _f(8, "random walk: log2 of the number of steps")
@@ -536,6 +556,11 @@ _CHOICES = {
     "deeplab.crf_image": ("denormalized", "original"),
     "refine.method": ("none", "psa"),
     "refine.backbone": ("", "resnet38", "resnet50", "resnet18"),
+    "refine.crop_pad": ("normalized_zero", "black"),
+    "refine.init": ("cam", "imagenet"),
+    "refine.pairs": ("all", "psa_crop"),
+    "refine.label_pooling": ("vote", "scores"),
+    "refine.loss_reduction": ("rank", "batch"),
     "deeplab.head": ("aspp_bn", "v2", "v3"),
 }
 

@@ -5,15 +5,25 @@
    CRF with a low and a high background alpha (``refine.alpha_low`` / ``alpha_high``; auto: PSA's
    4 / 32 scaled by the seed CRF's alpha over the authors' 7, ``affinity_alphas``): confident
    foreground, confident background, the rest 255 (hsc_fast.eval.affinity_labels) ->
-   ``RUN/refine/aff_labels/{id}.png``.
+   ``RUN/refine/aff_labels/{id}.png`` (``refine.label_pooling: vote``) or both score maps
+   ``{id}.npz`` (``scores``, PSA: pooled 8x8 after the crop, then the rule).
 2. **AffinityNet** (``train_affinity``): the CAM network's backbone (its trained weights) with the
    affinity head (hsc_fast.models.affinity), trained on pixel pairs within ``refine.radius`` at
-   stride 8 with PSA's balanced loss, in the same DeepSpeed step loop as CAM and DeepLab training
-   (non-finite guard, checkpoints, resume, metrics) -> ``RUN/refine/affinity/``.
+   stride 8 (``refine.pairs``: PSA's subset or every in-image pair) with PSA's balanced loss, on
+   hsc_fast.engine.affinity_data samples (jitter, crop, padding, label pooling: ``refine.*``), in
+   the same DeepSpeed step loop as CAM and DeepLab training (non-finite guard, checkpoints,
+   resume, metrics) -> ``RUN/refine/affinity/``.
 3. **Random walk** (``random_walk_masks``): each image's CAMs at feature resolution, background
    (1 - max fg)^``bg_alpha``, propagated 2^``logt`` steps with the transition of the learned
    affinities raised to ``beta`` (hsc_fast.ops.random_walk: banded, batched on the device),
-   upsampled, argmax -> ``RUN/refine/masks/{id}.png``, DeepLab's training labels.
+   upsampled, argmax -> ``RUN/refine/masks/{id}.png``, DeepLab's training labels. PSA's walk also
+   pads the image to a multiple of 8 (``refine.walk_pad8``) and uses its training pair subset.
+
+PSA's recipe is ``refine.pairs: psa_crop``, ``label_pooling: scores``, ``crop_pad: black``,
+``walk_pad8: true``, ``scale_range: [1, 1]``, ``color_jitter: [0.3, 0.3, 0.3, 0.1]``,
+``momentum_quirk: true``, ``weight_decay: 5e-4``, ``epochs: 8``, ``loss_reduction: batch``,
+``init: imagenet`` (configs/hsc_eps_official.yaml);
+SEAM's copy differs in lr 0.01, alpha_high 24, bg_alpha 6, logt 6 (configs/seam.yaml).
 
 Every step is resumable: finished PNGs are skipped, training resumes from its checkpoints; ranks
 split the ids of steps 1 and 3 (ids[r::W]).
@@ -57,6 +67,15 @@ def check_refine_config(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'refine.bg_alpha': expected a number > 0 or 'auto', got {r.bg_alpha!r}")
     if len(r.scale_range) != 2 or not 0 < r.scale_range[0] <= r.scale_range[1]:
         raise ConfigError(f"config key 'refine.scale_range': expected [min, max] with 0 < min <= max, got {r.scale_range}")
+    if len(r.color_jitter) not in (0, 4) or any(v < 0 for v in r.color_jitter):
+        raise ConfigError(f"config key 'refine.color_jitter': expected [] or four values >= 0, got {r.color_jitter}")
+    grid, floor = -(-r.crop_size // FEATURE_STRIDE), r.radius - 1
+    if r.pairs == "psa_crop" and grid <= 2 * floor:   # PSA's first ends: columns [floor, grid - floor)
+        raise ConfigError(f"config key 'refine.crop_size': {r.crop_size} px is a {grid}x{grid} grid, where PSA's pair "
+                          f"subset (refine.pairs: psa_crop, radius {r.radius}) is empty; use a crop of at least "
+                          f"{FEATURE_STRIDE * (2 * floor + 1)} px or refine.pairs: all")
+    if r.epochs < 0 or r.momentum < 0 or r.weight_decay < 0:
+        raise ConfigError("config keys 'refine.epochs', 'refine.momentum', 'refine.weight_decay': expected >= 0")
 
 
 PSA_ALPHAS = (4.0, 32.0)      # PSA's la / ha, paired with the authors' seed CRF alpha 7
@@ -114,18 +133,18 @@ def make_affinity_labels(cfg: RunConfig, data: str, cam_dir, out_dir, ids: Seque
     """RUN/refine/aff_labels/{id}.png for this rank's share of `ids` (existing files skipped);
     `crf_alpha`: the seed CRF's alpha (default: seed_crf_alpha beside `cam_dir`)."""
     low, high = affinity_alphas(cfg, seed_crf_alpha(cfg, Path(cam_dir).parent) if crf_alpha is None else crf_alpha)
-    from hsc_fast.eval.affinity_labels import affinity_label_map
+    from hsc_fast.engine.affinity_data import SCORES_EXT
     from hsc_fast.eval.seeds import _read_cams_for, open_samples, pending_ids, split_ids
+    scores = cfg.refine.label_pooling == "scores"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = pending_ids(split_ids(list(ids), D.get_rank(), D.world_size()), [(out_dir, ("png",))])
+    todo = pending_ids(split_ids(list(ids), D.get_rank(), D.world_size()),
+                       [(out_dir, (SCORES_EXT if scores else "png",))])
     bar = _bar(len(todo), "affinity labels", progress)
     n = 0
     for s in open_samples(data, todo, workers=workers):
         keys, cams = _read_cams_for(cam_dir, s, classes=run_class_set(cfg))
-        # PSA's CRF (10 iterations, 3/3 + 80/13/10) at image resolution; the trainer pools labels to stride 8
-        label = affinity_label_map(s.image, cams, keys, alpha_low=low, alpha_high=high, backend=cfg.seeds.crf.backend)
-        _write_png(out_dir / f"{s.key}.png", label, run_class_set(cfg))
+        _write_affinity_target(cfg, out_dir, s.key, s.image, cams, keys, low, high)
         n += 1
         bar.update(1)
     bar.close()
@@ -133,12 +152,58 @@ def make_affinity_labels(cfg: RunConfig, data: str, cam_dir, out_dir, ids: Seque
     return n
 
 
+def _write_affinity_target(cfg: RunConfig, out_dir: Path, key: str, image, cams, keys, low: float, high: float):
+    """PSA's CRF (10 iterations, 3/3 + 80/13/10) at image resolution; 'scores': both score maps
+    ({key}.npz, pooled after the crop as PSA), 'vote': the stride-1 label ({key}.png)."""
+    from hsc_fast.eval.affinity_labels import _check_cams, affinity_crf_scores, affinity_label_from_scores
+    cams, keys = _check_cams(cams, keys, run_class_set(cfg))
+    maps = [affinity_crf_scores(image, cams, a, backend=cfg.seeds.crf.backend) for a in (low, high)]
+    if cfg.refine.label_pooling == "scores":
+        from hsc_fast.engine.affinity_data import SCORES_EXT, save_affinity_scores
+        save_affinity_scores(out_dir / f"{key}.{SCORES_EXT}", maps[0], maps[1], keys)
+    else:
+        _write_png(out_dir / f"{key}.png", affinity_label_from_scores(maps[0], maps[1], keys), run_class_set(cfg))
+
+
 # ------------------------------------------------------------------------------ 2. AffinityNet
-def affinity_optim_config(cfg: RunConfig) -> OptimConfig:
-    """PSA's recipe: SGD (momentum 0.9), poly over refine.max_steps; x10 lr for the new layers."""
+def planned_world_size() -> int:
+    """The ranks of the process group, or of the one about to be made (the launcher's WORLD_SIZE)."""
+    import os
+    return D.world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def affinity_steps(cfg: RunConfig, n_train: int, world_size: int = 1) -> int:
+    """refine.max_steps, or with refine.epochs > 0 PSA's len(train) // batch x epochs (drop_last), the
+    global batch being refine.batch_size x ranks: 10,582 // 8 x 8 = 10,576 for train_aug on one GPU."""
     r = cfg.refine
-    return OptimConfig(lr=r.lr, weight_decay=r.weight_decay, momentum=0.9, official_momentum_quirk=False,
-                       poly_power=0.9, poly_steps=r.max_steps)
+    if r.epochs <= 0:
+        return r.max_steps
+    steps = n_train // (r.batch_size * world_size) * r.epochs
+    if steps <= 0:
+        raise ConfigError(f"refine.epochs {r.epochs}: {n_train} training ids make no full batch of "
+                          f"{r.batch_size} x {world_size} ranks")
+    return steps
+
+
+def affinity_optim_config(cfg: RunConfig, steps: Optional[int] = None) -> OptimConfig:
+    """SGD with the 1x/2x/10x/20x groups (weight decay on weights only), poly 0.9 over `steps`
+    (default refine.max_steps). refine.momentum_quirk: PSA's momentum = the weight-decay value."""
+    r = cfg.refine
+    return OptimConfig(lr=r.lr, weight_decay=r.weight_decay, momentum=r.momentum,
+                       official_momentum_quirk=r.momentum_quirk, poly_power=0.9,
+                       poly_steps=r.max_steps if steps is None else steps)
+
+
+def affinity_init_state(cfg: RunConfig, cam_run) -> dict:
+    """The backbone AffinityNet starts from: the CAM run's (refine.init: cam) or the ImageNet
+    weights of model.weights (imagenet: PSA's and SEAM's train_aff.py)."""
+    if cfg.refine.init == "cam":
+        return cam_backbone_state(cam_run)
+    if refine_backbone(cfg) != cfg.model.backbone:
+        raise ConfigError(f"refine.init imagenet loads model.weights ({cfg.model.backbone}); refine.backbone "
+                          f"{cfg.refine.backbone!r} differs")
+    from hsc_fast.models import build_cam_model
+    return build_cam_model(cfg.model, load_weights=True).state_dict()
 
 
 def cam_backbone_state(cam_run) -> dict:
@@ -158,7 +223,7 @@ class AffinityTrainer(LabelMapLoop):
     title = "AffinityNet"
 
     def __init__(self, cfg: RunConfig, run_dir, info: D.DistInfo, dataset, init_state: Optional[dict],
-                 ds_config: Optional[dict] = None, log: Optional[RunLog] = None):
+                 ds_config: Optional[dict] = None, log: Optional[RunLog] = None, steps: Optional[int] = None):
         from hsc_fast.models.affinity import build_affinity_net
         check_refine_config(cfg)
         self.dataset, self.batch_size = dataset, cfg.refine.batch_size
@@ -167,20 +232,36 @@ class AffinityTrainer(LabelMapLoop):
         model = build_affinity_net(refine_backbone(cfg), width_div=cfg.model.width_div, feat_dim=cfg.refine.feat_dim,
                                    weights_state_dict=init_state)
         model.to(self.device).train()
-        self._wrap_engine(model, affinity_optim_config(cfg))
+        self._wrap_engine(model, affinity_optim_config(cfg, steps))
         self._seed_rank_streams()
 
     def micro_losses(self, raw: dict, step_no: int, last: bool) -> tuple[dict, int]:
         """PSA's balanced pair loss of one micro-batch: bg-pos/4 + fg-pos/4 + neg/2."""
         from hsc_fast.losses.affinity import affinity_loss, affinity_targets, downsample_labels
         from hsc_fast.ops.random_walk import pairwise_affinity
+        r = self.cfg.refine
         img, label = self._to_device(raw)
         feats = self.engine(img).float()
-        small = downsample_labels(label, tuple(feats.shape[-2:]), stride=FEATURE_STRIDE)  # most frequent per 8x8
-        total, parts = affinity_loss(pairwise_affinity(feats, self.cfg.refine.radius),
-                                     affinity_targets(small, self.cfg.refine.radius))
+        if r.label_pooling == "vote":   # stride-1 labels: the most frequent per 8x8; 'scores' come pooled
+            label = downsample_labels(label, tuple(feats.shape[-2:]), stride=FEATURE_STRIDE)
+        crop = r.pairs == "psa_crop"
+        targets = affinity_targets(label, r.radius, psa_crop=crop)
+        total, parts = affinity_loss(pairwise_affinity(feats, r.radius, psa_crop=crop), targets,
+                                     count_scale=self._global_count_scale(targets))
         terms = {k: v for k, v in parts.items() if not k.endswith("_count")}   # bg, fg, neg
         return {**terms, "total": total}, int(img.shape[0])
+
+    def _global_count_scale(self, targets) -> Optional[list]:
+        """loss_reduction 'batch' on several ranks: per part, W x (this rank's pair count) / (all ranks'),
+        so the ranks' mean of the rank-local means is the mean over the whole global batch."""
+        world = self.info.world_size
+        if self.cfg.refine.loss_reduction != "batch" or world == 1:
+            return None
+        from hsc_fast.losses.affinity import global_count_scale
+        local = torch.stack([m.sum() for m in targets]).double()
+        total = local.clone()
+        torch.distributed.all_reduce(total)
+        return global_count_scale(local.tolist(), total.tolist(), world)
 
 
 def affinity_ds_config(cfg: RunConfig, world_size: int, path: Optional[str] = None) -> dict:
@@ -190,27 +271,34 @@ def affinity_ds_config(cfg: RunConfig, world_size: int, path: Optional[str] = No
 
 
 def build_affinity_train_set(cfg: RunConfig, images: str, labels_dir, train_ids: Sequence[str]):
-    from hsc_fast.data.seg_set import SegTrainSet, missing_labels, open_image_reader
-    missing = missing_labels(str(labels_dir), train_ids)
-    if missing:
-        raise DataError(f"{len(missing)} training id(s) have no affinity label in {labels_dir}: e.g. {missing[:5]}")
+    from hsc_fast.data.seg_set import open_image_reader
+    from hsc_fast.engine.affinity_data import AffinityTrainSet
     r = cfg.refine
-    return SegTrainSet(train_ids, open_image_reader(images, cfg.data.sbd_root), str(labels_dir), crop=r.crop_size,
-                       scale_range=r.scale_range, flip=True, seed=cfg.train.seed, classes=run_class_set(cfg))
+    dataset = AffinityTrainSet(train_ids, open_image_reader(images, cfg.data.sbd_root), labels_dir, crop=r.crop_size,
+                               scale_range=r.scale_range, flip=True, color_jitter=r.color_jitter,
+                               crop_pad=r.crop_pad, label_pooling=r.label_pooling, seed=cfg.train.seed,
+                               classes=run_class_set(cfg))
+    missing = [k for k in train_ids if not dataset.target_path(k).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} training id(s) have no affinity label ({r.label_pooling}) in {labels_dir}: "
+                        f"e.g. {missing[:5]}")
+    return dataset
 
 
 def train_affinity(cfg: RunConfig, run_dir, *, images: str, labels_dir, train_ids: Sequence[str], cam_run,
                    resume: str = "auto", progress: bool = True, local_rank: Optional[int] = None) -> dict:
     """Train AffinityNet from the CAM run's backbone; joins an existing process group or makes one."""
     check_refine_config(cfg)
-    init_state = cam_backbone_state(cam_run)
-    env = {"stage": "affinity", "images": str(images), "labels_dir": str(labels_dir), "n_train_ids": len(train_ids)}
-    with training_session(cfg, Path(run_dir), stage="affinity", resume=resume, max_steps=cfg.refine.max_steps,
+    init_state = affinity_init_state(cfg, cam_run)
+    steps = affinity_steps(cfg, len(train_ids), planned_world_size())
+    env = {"stage": "affinity", "images": str(images), "labels_dir": str(labels_dir), "n_train_ids": len(train_ids),
+           "steps": steps}
+    with training_session(cfg, Path(run_dir), stage="affinity", resume=resume, max_steps=steps,
                           ds_config=lambda world: affinity_ds_config(cfg, world), local_rank=local_rank,
                           progress=progress, env=env, title="AffinityNet ") as session:
         dataset = build_affinity_train_set(cfg, images, labels_dir, train_ids)
-        return session.run(lambda s: AffinityTrainer(cfg, run_dir, s.info, dataset, init_state, s.ds_config, s.log),
-                           cfg.refine.save_every)
+        return session.run(lambda s: AffinityTrainer(cfg, run_dir, s.info, dataset, init_state, s.ds_config, s.log,
+                                                     steps), cfg.refine.save_every)
 
 
 def load_affinity_net(cfg: RunConfig, run_dir, device) -> torch.nn.Module:
@@ -238,12 +326,16 @@ def walk_one(model: torch.nn.Module, image: np.ndarray, keys: np.ndarray, cams: 
     h, w = image.shape[:2]
     if len(keys) == 0:
         return np.zeros((h, w), np.uint8)
-    feats = model(normalize_image(image).unsqueeze(0).to(device)).float()
+    x = normalize_image(image).unsqueeze(0)
+    if cfg.refine.walk_pad8:   # infer_aff.py: 0 after normalisation up to a multiple of the stride
+        x = torch.nn.functional.pad(x, (0, -w % FEATURE_STRIDE, 0, -h % FEATURE_STRIDE))
+    feats = model(x.to(device)).float()
     cam = torch.from_numpy(np.asarray(cams, np.float32)).unsqueeze(0).to(device)      # (1, K, H, W)
     if bg_alpha is None:
         bg_alpha = walk_bg_alpha(cfg, seed_crf_alpha(cfg))
-    walked = random_walk_cams(cam, pairwise_affinity(feats, cfg.refine.radius), alpha=bg_alpha,
-                              beta=cfg.refine.beta, logt=cfg.refine.logt, stride=FEATURE_STRIDE)[0]
+    affinity = pairwise_affinity(feats, cfg.refine.radius, psa_crop=cfg.refine.pairs == "psa_crop")
+    walked = random_walk_cams(cam, affinity, alpha=bg_alpha, beta=cfg.refine.beta, logt=cfg.refine.logt,
+                              stride=FEATURE_STRIDE)[0]
     voc_ids = np.concatenate([[0], np.asarray(keys, np.int64) + 1]).astype(np.uint8)   # bg first
     return voc_ids[walked.argmax(0).cpu().numpy()]
 

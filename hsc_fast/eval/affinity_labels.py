@@ -15,7 +15,9 @@ What the authors do (jiwoon-ahn/psa, infer_cls.py ``_crf_with_alpha``, voc12/dat
       0 (bg) where the argmax of the high-alpha scores is the bg,
       255 where the max of all scores is < 1e-5 (the zero padding of the crop).
    ``affinity_label_from_scores`` is that rule; ``affinity_label_map`` runs both CRFs and the
-   rule at image resolution (stride 1) or at PSA's stride 8.
+   rule at image resolution (stride 1) or pooled over the whole image at stride 8. PSA pools each
+   training CROP (after padding and flip): ``refine.label_pooling: scores`` stores both score maps
+   and does exactly that (hsc_fast.engine.affinity_data); ``vote`` stores the stride-1 label.
 
 Labels are label ids as every label PNG of this project: 0 = background, k+1 = fg class k
 (0..K-1 of the run's class set: 0..19 for VOC, 0..79 for COCO), 255 = no label. The CRFs run over

@@ -5,18 +5,21 @@ from a label map with bg = ``bg_index`` (0 in VOC-id maps), fg classes, 255 = ig
 (ExtractAffinityLabelInRadius): a pair (p, q) is VALID when both ends are in the image and
 neither is 255;
   bg_pos = valid & y_p == y_q == bg,   fg_pos = valid & y_p == y_q != bg,   neg = valid & y_p != y_q.
-``psa_crop=True`` keeps only PSA's pairs (first end in rows [0, H-r+1), columns [r-1, W-r+1)).
+``psa_crop=True`` keeps only PSA's pairs (first end in rows [0, H-r+1), columns [r-1, W-r+1)):
+refine.pairs: psa_crop. The default keeps every in-image pair (+17 % pairs on a 56x56 grid): a
+different loss, not the same one.
 
-Loss (train_aff.py), sums over the whole batch:
+Loss (train_aff.py), sums over the whole batch (DataParallel gathers every GPU's pairs first;
+refine.loss_reduction: batch does the same over ranks, rank = each rank's own means):
   L_bg  = sum_{bg_pos} -log(a + eps) / (|bg_pos| + eps)
   L_fg  = sum_{fg_pos} -log(a + eps) / (|fg_pos| + eps)
   L_neg = sum_{neg} -log(1 + eps - a) / (|neg| + eps)
   L = L_bg / 4 + L_fg / 4 + L_neg / 2,   eps = 1e-5.
 An empty set gives 0 (0 / eps), never NaN; a is clamped to [0, 1] so both logs stay >= log(eps).
 
-Label resolution: PSA pools the two CRF SCORE maps 8x8 and applies its rule afterwards
-(hsc_fast.eval.affinity_labels.affinity_label_map(..., stride=8)). For labels stored as image-size
-maps (cropped and flipped by the data loader) ``downsample_labels`` takes each 8x8 block's most
+Label resolution: PSA pools the two CRF SCORE maps 8x8 after the crop and applies its rule
+afterwards (refine.label_pooling: scores; hsc_fast.engine.affinity_data). For labels stored as
+image-size maps (refine.label_pooling: vote) ``downsample_labels`` takes each 8x8 block's most
 frequent label instead (255 votes like a class; ties go to the smaller label, so bg before fg
 before 255; pixels past the image edge do not vote): close to, not identical with, PSA's rule.
 """
@@ -60,9 +63,18 @@ def _part(terms: torch.Tensor, mask: torch.Tensor, eps: float) -> tuple[torch.Te
     return total / (count + eps), count
 
 
-def affinity_loss(affinity: torch.Tensor, targets, *, eps: float = PSA_LOSS_EPS) -> tuple[torch.Tensor, dict]:
+def global_count_scale(local_counts, global_counts, world_size: int, eps: float = PSA_LOSS_EPS) -> list[float]:
+    """count_scale for affinity_loss: W x (local count + eps) / (global count + eps) per part, so the
+    mean over W ranks of the scaled rank means is the mean over the whole global batch."""
+    return [float(world_size * (lc + eps) / (gc + eps)) for lc, gc in zip(local_counts, global_counts)]
+
+
+def affinity_loss(affinity: torch.Tensor, targets, *, eps: float = PSA_LOSS_EPS,
+                  count_scale=None) -> tuple[torch.Tensor, dict]:
     """PSA's balanced affinity loss -> (total, {"bg", "fg", "neg": the three means,
-    "bg_count", "fg_count", "neg_count": pair counts}); see the module docstring."""
+    "bg_count", "fg_count", "neg_count": pair counts}); see the module docstring.
+    ``count_scale`` (three factors, bg / fg / neg) multiplies the means: the trainer's way to turn
+    rank-local means into shares of the global-batch mean (refine.loss_reduction: batch)."""
     bg_pos, fg_pos, neg = targets
     if not all(isinstance(m, torch.Tensor) and m.shape == affinity.shape for m in (bg_pos, fg_pos, neg)):
         raise DataError(f"affinity_loss: expected three masks shaped like the affinity {tuple(affinity.shape)}, got "
@@ -74,6 +86,9 @@ def affinity_loss(affinity: torch.Tensor, targets, *, eps: float = PSA_LOSS_EPS)
     parts = {}
     for name, terms, mask in (("bg", pos_terms, bg_pos), ("fg", pos_terms, fg_pos), ("neg", neg_terms, neg)):
         parts[name], parts[f"{name}_count"] = _part(terms, mask.bool(), eps)
+    if count_scale is not None:
+        for name, factor in zip(("bg", "fg", "neg"), count_scale):
+            parts[name] = parts[name] * factor
     total = sum(PSA_LOSS_WEIGHTS[k] * parts[k] for k in PSA_LOSS_WEIGHTS)
     return total, parts
 

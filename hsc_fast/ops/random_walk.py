@@ -7,8 +7,11 @@ Facts reproduced from the authors' code (jiwoon-ahn/psa):
   ``dx^2 + dy^2 < r^2`` (strict), in that order: 34 offsets for r = 5 at stride 8. Each unordered
   pair {p, p+o} appears once; the opposite direction comes from symmetry. The authors only keep
   pairs whose FIRST pixel p lies in rows [0, H-r+1) and columns [r-1, W-r+1) (the "cropped from"
-  region), so p+o is always in the image: ``psa_crop=True`` reproduces that subset; the default
-  keeps every pair whose both ends are in the image.
+  region), so p+o is always in the image: ``psa_crop=True`` reproduces that subset
+  (``refine.pairs: psa_crop``); the default keeps every pair whose both ends are in the image
+  (``refine.pairs: all``), which is NOT PSA's computation: +17 % pairs on a 56x56 grid, +75 % on
+  19x19, and a different transition matrix and walk. The banded walk equals the dense matrix
+  powers for whichever pair set the affinities hold (0 = no pair).
 * Affinity (network/resnet38_aff.py ``forward``): a_{p,p+o} = exp(-mean_c |f_p - f_{p+o}|).
 * Walk (infer_aff.py): A = dense symmetric matrix with A_pq = A_qp = a_pq on the pairs and
   A_pp = 1 (the self-loop), raised elementwise to beta (8); T = A / column sums (each COLUMN of T
@@ -18,7 +21,8 @@ Facts reproduced from the authors' code (jiwoon-ahn/psa):
   total is NOT conserved (that would need row-normalisation).
 * Inference input (infer_aff.py): CAM with a background channel (1 - max_k fg_k)^alpha, alpha 16;
   zero-padded to a multiple of 8 and average-pooled 8x8 (``downsample_cam``); after the walk
-  bilinear upsampling to the padded size, cropped, argmax (``upsample_cam``).
+  bilinear upsampling to the padded size, cropped, argmax (``upsample_cam``). The image is padded
+  the same way (0 after normalisation) before the network (``refine.walk_pad8``).
 
 Layouts: features (N, C, H, W); affinities (N, K, H, W) with ``affinity[:, k, y, x]`` the pair
 ((y, x), (y+dy_k, x+dx_k)); invalid pairs hold 0.

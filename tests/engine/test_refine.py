@@ -42,7 +42,7 @@ def tiny(tmp_path_factory):
     cfg = load_config("demo", [f"data.train={out}", f"data.sbd_root={out / 'SBD'}", "data.workers=0",
                                "model.weights=", "model.allow_random_init=true", "train.tensorboard=false",
                                "train.deterministic=true", "refine.method=psa", "refine.batch_size=2",
-                               "refine.crop_size=48", "refine.max_steps=6", "refine.save_every=3",
+                               "refine.crop_size=72", "refine.max_steps=6", "refine.save_every=3",
                                "refine.feat_dim=16", "refine.lr=0.01", "refine.logt=4"])
     cam_run = out / "cam"
     (cam_run / "final").mkdir(parents=True)
@@ -51,16 +51,28 @@ def tiny(tmp_path_factory):
     return {"root": out, "voc": voc, "ids": ids, "cams": cams, "cam_run": cam_run, "cfg": cfg}
 
 
-def test_refine_end_to_end_writes_labels_trains_and_walks(tiny, group, tmp_path):
+def _stored_label(cfg, folder, key):
+    """The stride-1 affinity label of either storage (scores: PSA's rule on the stored maps)."""
+    from hsc_fast.data.voc import read_label_png
+    from hsc_fast.engine.affinity_data import load_affinity_scores
+    from hsc_fast.eval.affinity_labels import affinity_label_from_scores
+    if cfg.refine.label_pooling == "vote":
+        return read_label_png(folder / f"{key}.png")
+    return affinity_label_from_scores(*load_affinity_scores(folder / f"{key}.npz"))
+
+
+@pytest.mark.parametrize("pooling", ["scores", "vote"])
+def test_refine_end_to_end_writes_labels_trains_and_walks(tiny, group, tmp_path, pooling):
     from hsc_fast.data.voc import read_label_png
     from hsc_fast.engine import refine as R
     from hsc_fast.engine.runlog import read_metrics
     from hsc_fast.eval.evaluate import evaluate
     cfg, ids, data = tiny["cfg"], tiny["ids"], str(tiny["root"])
+    cfg = dataclasses.replace(cfg, refine=dataclasses.replace(cfg.refine, label_pooling=pooling))
     run = tmp_path / "refine"
     assert R.make_affinity_labels(cfg, data, tiny["cams"], run / R.AFF_LABELS, ids) == len(ids)
     for key in ids:   # PSA's labels: VOC ids of the image's classes, bg, 255; never a class it lacks
-        label = read_label_png(run / R.AFF_LABELS / f"{key}.png")
+        label = _stored_label(cfg, run / R.AFF_LABELS, key)
         gt = read_label_png(tiny["voc"] / "SegmentationClass" / f"{key}.png")
         assert set(np.unique(label)) <= set(np.unique(gt)) | {0, 255}
     assert R.make_affinity_labels(cfg, data, tiny["cams"], run / R.AFF_LABELS, ids) == 0     # resumable
@@ -70,6 +82,7 @@ def test_refine_end_to_end_writes_labels_trains_and_walks(tiny, group, tmp_path)
     rows = read_metrics(run / R.AFFINITY / "metrics.csv")
     assert [r["step"] for r in rows] == [str(s) for s in range(1, 7)]
     assert all(np.isfinite(float(r[k])) for r in rows for k in ("loss", "bg", "fg", "neg"))
+    assert all(float(r["loss"]) > 0 for r in rows)          # PSA's pair subset of the crop is not empty
     model = R.load_affinity_net(cfg, run / R.AFFINITY, torch.device("cpu"))
     assert R.random_walk_masks(cfg, model, data, tiny["cams"], run / R.MASKS, ids, device="cpu") == len(ids)
     result = evaluate(tiny["voc"] / "SegmentationClass", pred_dir=run / R.MASKS, ids=ids)

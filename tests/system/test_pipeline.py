@@ -154,7 +154,7 @@ def test_tiny_pipeline_with_80_classes(tmp_path):
            "--stages", "synth,shard,train_cam,cam,sweep,crf,refine,deeplab,deeplab_eval,report",
            "--set", "pretrain.enabled=false", "--set", "model.allow_random_init=true",
            "--set", "model.weights=", "--set", "deeplab.weights=", "--set", "deeplab.allow_random_init=true",
-           "--set", "refine.max_steps=2", "--set", "refine.crop_size=64", "--set", "refine.batch_size=2",
+           "--set", "refine.max_steps=2", "--set", "refine.crop_size=72", "--set", "refine.batch_size=2",
            "--set", "train.max_steps=3", "--set", "train.save_every=3", "--set", "deeplab.max_steps=2",
            "--set", "deeplab.crop_size=64", "--set", "data.resize_long=[64,80]", "--set", "data.crop_size=64",
            "--set", "data.view2_size=32", "--set", "loss.contrast_size=4", "--set", "loss.csc_topk=8",
