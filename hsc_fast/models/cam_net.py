@@ -38,6 +38,7 @@ from hsc_fast.config import ModelConfig, cam_channels
 from hsc_fast.errors import ConfigError, WeightsError
 from hsc_fast.models.backbones import build_backbone
 from hsc_fast.models.mxnet_params import read_mxnet_params
+from hsc_fast.models.timm_backbone import resolve_weights
 
 PCM_CONV4_DIM, PCM_CONV5_DIM, PCM_OUT_DIM = 64, 128, 192
 RSC_PROJ_KINDS = ("official", "paper")
@@ -255,7 +256,7 @@ def _unwrap_torch_checkpoint(obj, path: str) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def _read_torch_file(path: Path) -> dict:
+def read_torch_file(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
@@ -275,8 +276,10 @@ def _model_key(model: CamNet, key: str) -> str:
 
 
 def read_weights(model: CamNet, path) -> tuple[dict, dict, list, list]:
-    """File -> (state dict in our key space, {our key: file key}, ignored file keys, unknown file keys)."""
-    path = Path(path)
+    """File -> (state dict in our key space, {our key: file key}, ignored file keys, unknown file keys).
+
+    `path` may be a short name (imagenet:efficientnet_lite0, timm_backbone.IMAGENET_WHEELS)."""
+    path = Path(resolve_weights(str(path)))
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' does not exist")
     backbone = model.backbone
@@ -289,13 +292,19 @@ def read_weights(model: CamNet, path) -> tuple[dict, dict, list, list]:
         return state, {"backbone." + k: v for k, v in origin.items()}, ignored, unknown
     if path.suffix not in (".pth", ".pt"):
         raise WeightsError(f"weights file '{path}': unknown format (expected .params, .pth or .pt)")
-    state, origin, ignored = {}, {}, []
-    for key, value in _read_torch_file(path).items():
+    state, origin, ignored, rest = {}, {}, [], {}
+    for key, value in read_torch_file(path).items():
         if backbone.is_unused_pretrained_key(key):
             ignored.append(key)
+        elif (ours := _model_key(model, key)).startswith("backbone.") and hasattr(backbone, "convert_pretrained"):
+            rest[ours[len("backbone."):]] = value
         else:
-            ours = _model_key(model, key)
             state[ours], origin[ours] = value, key
+    if rest:  # a backbone with its own file formats (timm: by name, or efficientnet_pytorch by order)
+        converted, names, skipped = backbone.convert_pretrained(rest, path)
+        state.update({"backbone." + k: v for k, v in converted.items()})
+        origin.update({"backbone." + k: names[k] for k in converted})
+        ignored += skipped
     return state, origin, ignored, []
 
 
@@ -346,7 +355,8 @@ def build_cam_model(model_cfg: ModelConfig, load_weights: bool = True) -> CamNet
     num_classes = cam_channels(model_cfg)
     if num_classes < 2:
         raise ConfigError(f"config key 'model.num_classes': need >= 2 (fg + bg), got {model_cfg.num_classes}")
-    model = CamNet(build_backbone(model_cfg.backbone, model_cfg.width_div), num_classes=num_classes,
+    model = CamNet(build_backbone(model_cfg.backbone, model_cfg.width_div, model_cfg.output_stride),
+                   num_classes=num_classes,
                    pcm=model_cfg.pcm, projectors=model_cfg.projectors, rsc_proj=model_cfg.rsc_proj,
                    rsc_dim=model_cfg.rsc_dim, psc_dim=model_cfg.psc_dim, frozen_bn=model_cfg.frozen_bn,
                    freeze_stem=model_cfg.freeze_stem, proj_lr_quirk=model_cfg.proj_lr_quirk)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 
 from hsc_fast.errors import WeightsError
+from hsc_fast.models.timm_backbone import LastFeatureMap, TimmBackbone, is_timm, load_backbone_weights
 
 _RESNETS = {"resnet101": torchvision.models.resnet101, "resnet50": torchvision.models.resnet50,
             "resnet18": torchvision.models.resnet18}
@@ -67,6 +68,11 @@ class DeepLab(nn.Module):
                  frozen_bn: bool = True):
         super().__init__()
         self.frozen_bn = frozen_bn
+        if is_timm(backbone):  # timm:<name> at output stride 8: its conv6 map (models/timm_backbone.py)
+            self.backbone = LastFeatureMap(TimmBackbone(backbone))
+            self.head = ASPPv2(self.backbone.out_channels, num_classes) if head == "v2" else \
+                ASPPv3(self.backbone.out_channels, num_classes)
+            return
         if backbone not in _RESNETS:
             raise ValueError(f"deeplab backbone '{backbone}': expected one of {', '.join(_RESNETS)}")
         if backbone == "resnet18":  # BasicBlock cannot dilate: stride-8 by hand below
@@ -124,7 +130,10 @@ def _dilate_basic_layers(net) -> None:
 def load_imagenet_backbone(model: DeepLab, path: str) -> dict:
     """Load a torchvision-format ImageNet state dict into the backbone; fc.* is ignored.
 
-    Raises WeightsError naming the file and the missing/unexpected/mismatched keys."""
+    Raises WeightsError naming the file and the missing/unexpected/mismatched keys. A timm
+    backbone takes its own formats (timm_backbone.load_backbone_weights, imagenet:<name> too)."""
+    if isinstance(model.backbone, LastFeatureMap):
+        return load_backbone_weights(model.backbone.net, path)
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"DeepLab ImageNet weights '{path}' not found (give a local torchvision "
