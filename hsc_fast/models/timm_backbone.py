@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from hsc_fast.errors import ConfigError, WeightsError
+from hsc_fast.models.state_files import read_torch_file
 
 TIMM_PREFIX = "timm:"
 IMAGENET_PREFIX = "imagenet:"
@@ -230,7 +231,6 @@ class LastFeatureMap(nn.Module):
 def load_backbone_weights(backbone: TimmBackbone, path) -> dict:
     """Load an ImageNet file into a bare TimmBackbone (DeepLab); every tensor must fit.
     Returns {"loaded": n, "ignored": [...]}; WeightsError names the file and the problems."""
-    from hsc_fast.models.cam_net import read_torch_file  # cam_net builds on this module: import here
     path = resolve_weights(str(path), "deeplab.weights")
     if not Path(path).is_file():
         raise WeightsError(f"weights file '{path}' does not exist")
