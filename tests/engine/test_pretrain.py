@@ -13,6 +13,10 @@ from hsc_fast.config import PretrainConfig, load_config
 from hsc_fast.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
+# The demo as it was before the ImageNet wheels (issue 26): ResNet-18s whose empty weights the
+# pipeline fills with this run's SynthNet file. SynthNet stays an option; these tests exercise it.
+SYNTHNET_DEMO = ["pretrain.enabled=true", "model.backbone=resnet18", "model.weights=", "deeplab.backbone=resnet18",
+                 "deeplab.weights="]
 
 
 def test_examples_are_single_objects_of_balanced_classes_and_deterministic():
@@ -94,16 +98,17 @@ def test_precision_choice():
 
 
 def test_fill_weights_points_empty_weights_at_the_run_and_nothing_else(tmp_path):
-    cfg = load_config("demo")
+    cfg = load_config("demo", SYNTHNET_DEMO)
     assert cfg.pretrain.enabled and cfg.model.weights == "" and cfg.deeplab.weights == ""
     assert PT.fill_weights(cfg, tmp_path) == ["model.weights", "deeplab.weights"]
     expected = str(tmp_path / "pretrain" / "synthnet_resnet18.pth")
     assert cfg.model.weights == cfg.deeplab.weights == expected
     assert PT.archs_to_train(cfg, tmp_path) == ["resnet18"]             # one file for both
-    given = load_config("demo", ["model.weights=/w/imagenet.pth", "deeplab.backbone=resnet50"])
+    given = load_config("demo", SYNTHNET_DEMO + ["model.weights=/w/imagenet.pth", "deeplab.backbone=resnet50"])
     assert PT.fill_weights(given, tmp_path) == ["deeplab.weights"]
     assert given.model.weights == "/w/imagenet.pth" and PT.archs_to_train(given, tmp_path) == ["resnet50"]
-    off = load_config("demo", ["pretrain.enabled=false"])
+    assert PT.fill_weights(load_config("demo"), tmp_path) == []       # the demo itself: ImageNet weights
+    off = load_config("demo", SYNTHNET_DEMO + ["pretrain.enabled=false"])
     assert PT.fill_weights(off, tmp_path) == [] and off.model.weights == ""
     r38 = load_config("hsc_eps_official", ["pretrain.enabled=true", "model.weights=", "deeplab.weights="])
     assert PT.fill_weights(r38, tmp_path) == ["deeplab.weights"] and r38.model.weights == ""
@@ -112,7 +117,7 @@ def test_fill_weights_points_empty_weights_at_the_run_and_nothing_else(tmp_path)
 
 
 def _tiny_overrides():
-    return ["pretrain.images=60", "pretrain.val_images=20", "pretrain.size=32", "pretrain.steps=6",
+    return SYNTHNET_DEMO + ["pretrain.images=60", "pretrain.val_images=20", "pretrain.size=32", "pretrain.steps=6",
             "pretrain.batch_size=8", "pretrain.warmup_steps=2", "pretrain.log_every=2", "pretrain.precision=fp32"]
 
 
