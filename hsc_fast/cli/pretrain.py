@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  torchrun --standalone --nproc_per_node 2 launch/pretrain.py --out w.pth --set pretrain.steps=2000",
                failed="pre-training failed"))
     p.add_argument("--out", required=True, help="output .pth (torchvision state dict); a .json summary goes beside it")
-    p.add_argument("--arch", default="", help=f"{' | '.join(PRETRAIN_ARCHS)} (default: the config's model.backbone)")
+    p.add_argument("--arch", default="", help=f"{' | '.join(PRETRAIN_ARCHS)} (default: the config's model.backbone "
+                                              "when it is one of these, else resnet18)")
     add_config_args(p, "demo", "YAML config or preset whose pretrain section is used (default: demo)")
     add_progress_flag(p)
     add_launcher_args(p)
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        arch = check_arch(args.arch or cfg.model.backbone)
+        own = cfg.model.backbone if cfg.model.backbone in PRETRAIN_ARCHS else "resnet18"  # the demo: timm
+        arch = check_arch(args.arch or own)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -112,7 +112,8 @@ def check_inputs(cfg: RunConfig) -> None:
     from hsc_fast.data import resolve_run_classes
     resolve_run_classes(cfg, source)  # data.classes, model.num_classes from the data
     check_saliency_source(cfg)
-    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+    from hsc_fast.models.timm_backbone import resolve_weights
+    if cfg.model.weights and not Path(resolve_weights(cfg.model.weights)).is_file():
         raise ConfigError(f"config key 'model.weights': file '{cfg.model.weights}' does not exist")
     if not cfg.model.weights and not cfg.model.allow_random_init:
         raise ConfigError("config key 'model.weights' is empty: give ImageNet weights (mxnet .params or a .pth "

@@ -12,7 +12,7 @@ and the other ranks wait for it on the shared filesystem (no collective can time
 Layout of RUN_DIR:
     synth/            the synthetic VOC/SBD tree (demo only)
     shards/           WebDataset shards of the training list + index.json
-    pretrain/         SynthNet backbone weights (pretrain.enabled: the demo's stand-in for ImageNet)
+    pretrain/         SynthNet backbone weights (pretrain.enabled: an option; the demo uses ImageNet weights)
     cam/              CAM training run (config.yaml, metrics.csv, checkpoints/, final/model.pt)
     seeds/            cam_npy/, sweep.json(+png), seeds/, pseudo_labels/, overlays/, crf_eval.json
     refine/           aff_labels/, affinity/ (AffinityNet run), masks/, mask_eval.json (refine.method psa)

@@ -126,21 +126,14 @@ def build_classifier(arch: str) -> torch.nn.Module:
     return getattr(torchvision.models, check_arch(arch))(weights=None, num_classes=NUM_FG)
 
 
-def cpu_has_bf16() -> bool:
-    """True where oneDNN has bf16 matrix units (AMX or AVX512-BF16); Linux flags, else False."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
 def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 when asked, or 'auto' on a GPU with bf16; 'auto' on CPU is fp32 on every CPU model, so a
+    run's numbers do not depend on whether the CPU has AMX / AVX512-BF16 (issue 26)."""
     if precision == "bf16":
         return True
     if precision == "fp32":
         return False
-    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:

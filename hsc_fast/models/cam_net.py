@@ -39,6 +39,8 @@ from hsc_fast.config import ModelConfig, cam_channels
 from hsc_fast.errors import ConfigError, WeightsError
 from hsc_fast.models.backbones import build_backbone
 from hsc_fast.models.mxnet_params import read_mxnet_params
+from hsc_fast.models.state_files import read_torch_file
+from hsc_fast.models.timm_backbone import resolve_weights
 
 PCM_CONV4_DIM, PCM_CONV5_DIM, PCM_OUT_DIM = 64, 128, 192
 RSC_PROJ_KINDS = ("official", "paper")
@@ -264,25 +266,6 @@ def _format_keys(keys: list, limit: int = 25) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _unwrap_torch_checkpoint(obj, path: str) -> dict:
-    """A plain state dict, or one nested under 'state_dict' / 'model' / 'module'."""
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"weights file '{path}': expected a state dict of tensors "
-                           f"(optionally under 'state_dict' or 'model'), got {type(obj).__name__}")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-
-
-def _read_torch_file(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise WeightsError(f"weights file '{path}': cannot load it with torch.load(weights_only=True): {e}") from e
-    return _unwrap_torch_checkpoint(obj, str(path))
-
-
 def _model_key(model: CamNet, key: str) -> str:
     """A file key (ours, the authors' flat names, or backbone-relative) -> our state-dict key."""
     top = key.split(".")[0]
@@ -295,8 +278,10 @@ def _model_key(model: CamNet, key: str) -> str:
 
 
 def read_weights(model: CamNet, path) -> tuple[dict, dict, list, list]:
-    """File -> (state dict in our key space, {our key: file key}, ignored file keys, unknown file keys)."""
-    path = Path(path)
+    """File -> (state dict in our key space, {our key: file key}, ignored file keys, unknown file keys).
+
+    `path` may be a short name (imagenet:efficientnet_lite0, timm_backbone.IMAGENET_WHEELS)."""
+    path = Path(resolve_weights(str(path)))
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' does not exist")
     backbone = model.backbone
@@ -309,13 +294,19 @@ def read_weights(model: CamNet, path) -> tuple[dict, dict, list, list]:
         return state, {"backbone." + k: v for k, v in origin.items()}, ignored, unknown
     if path.suffix not in (".pth", ".pt"):
         raise WeightsError(f"weights file '{path}': unknown format (expected .params, .pth or .pt)")
-    state, origin, ignored = {}, {}, []
-    for key, value in _read_torch_file(path).items():
+    state, origin, ignored, rest = {}, {}, [], {}
+    for key, value in read_torch_file(path).items():
         if backbone.is_unused_pretrained_key(key):
             ignored.append(key)
+        elif (ours := _model_key(model, key)).startswith("backbone.") and hasattr(backbone, "convert_pretrained"):
+            rest[ours[len("backbone."):]] = value
         else:
-            ours = _model_key(model, key)
             state[ours], origin[ours] = value, key
+    if rest:  # a backbone with its own file formats (timm: by name, or efficientnet_pytorch by order)
+        converted, names, skipped = backbone.convert_pretrained(rest, path)
+        state.update({"backbone." + k: v for k, v in converted.items()})
+        origin.update({"backbone." + k: names[k] for k in converted})
+        ignored += skipped
     return state, origin, ignored, []
 
 
@@ -369,7 +360,7 @@ def build_cam_model(model_cfg: ModelConfig, load_weights: bool = True,
     if num_classes < 2:
         raise ConfigError(f"config key 'model.num_classes': need >= 2 (fg + bg), got {model_cfg.num_classes}")
     with init_stream(init_seeds, "backbone"):
-        backbone = build_backbone(model_cfg.backbone, model_cfg.width_div)
+        backbone = build_backbone(model_cfg.backbone, model_cfg.width_div, model_cfg.output_stride)
     model = CamNet(backbone, num_classes=num_classes,
                    pcm=model_cfg.pcm, projectors=model_cfg.projectors, rsc_proj=model_cfg.rsc_proj,
                    rsc_dim=model_cfg.rsc_dim, psc_dim=model_cfg.psc_dim, frozen_bn=model_cfg.frozen_bn,

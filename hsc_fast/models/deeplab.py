@@ -19,6 +19,7 @@ import torchvision
 
 from hsc_fast.errors import WeightsError
 from hsc_fast.models.backbones import RESNET101S_FILE, deep_base_resnet101
+from hsc_fast.models.timm_backbone import LastFeatureMap, TimmBackbone, is_timm, load_backbone_weights
 
 _RESNETS = {"resnet101": torchvision.models.resnet101, "resnet50": torchvision.models.resnet50,
             "resnet18": torchvision.models.resnet18}
@@ -112,10 +113,14 @@ class DeepLab(nn.Module):
         if lr_groups not in LR_GROUPS:
             raise ValueError(f"deeplab lr_groups '{lr_groups}': expected one of {', '.join(LR_GROUPS)}")
         self.lr_groups = lr_groups
-        net = _backbone_net(backbone)
-        self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
-                                      net.layer1, net.layer2, net.layer3, net.layer4)
-        in_ch = net.fc.in_features
+        if is_timm(backbone):  # timm:<name> at output stride 8: its conv6 map (models/timm_backbone.py)
+            self.backbone = LastFeatureMap(TimmBackbone(backbone))
+            in_ch = self.backbone.out_channels
+        else:
+            net = _backbone_net(backbone)
+            self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                          net.layer1, net.layer2, net.layer3, net.layer4)
+            in_ch = net.fc.in_features
         if head not in HEADS:
             raise ValueError(f"deeplab head '{head}': expected one of {', '.join(HEADS)}")
         self.head = {"aspp_bn": lambda: ASPPBN(in_ch, num_classes, bn_momentum=head_bn_momentum),
@@ -202,7 +207,10 @@ def load_imagenet_backbone(model: DeepLab, path: str) -> dict:
     ResNet's for resnet18/50/101, PyTorch-Encoding's `resnet101s-03a0f310.pth` for resnet101s (same
     key names as the module; old files without BatchNorm `num_batches_tracked` entries load too).
 
-    Raises WeightsError naming the file and the missing/unexpected/mismatched keys."""
+    Raises WeightsError naming the file and the missing/unexpected/mismatched keys. A timm
+    backbone takes its own formats (timm_backbone.load_backbone_weights, imagenet:<name> too)."""
+    if isinstance(model.backbone, LastFeatureMap):
+        return load_backbone_weights(model.backbone.net, path)
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"DeepLab ImageNet weights '{path}' not found (give a local ImageNet ResNet state dict "

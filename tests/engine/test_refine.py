@@ -40,7 +40,8 @@ def tiny(tmp_path_factory):
         save_cam_file(cam_path(cams, key), np.array([c - 1 for c in classes]),
                       np.stack(maps) if maps else np.zeros((0,) + gt.shape, np.float32))
     cfg = load_config("demo", [f"data.train={out}", f"data.sbd_root={out / 'SBD'}", "data.workers=0",
-                               "model.weights=", "model.allow_random_init=true", "train.tensorboard=false",
+                               "model.backbone=resnet18", "model.weights=", "model.allow_random_init=true",
+                               "train.tensorboard=false",
                                "train.deterministic=true", "refine.method=psa", "refine.batch_size=2",
                                "refine.crop_size=72", "refine.max_steps=6", "refine.save_every=3",
                                "refine.feat_dim=16", "refine.lr=0.01", "refine.logt=4"])

