@@ -46,13 +46,9 @@ def git_sha() -> str | None:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name: the package's one reader (the ablation records it too)."""
+    from hsc_fast.engine.ablation import cpu_model
+    return cpu_model()
 
 
 def device_name() -> str:
