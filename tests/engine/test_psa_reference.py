@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from hsc_fast.config import load_config
 
-FIXTURES = Path("/work/shared/fixtures/voc/JPEGImages")
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "voc" / "JPEGImages"  # CI: ../shared
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SEARCH = [(0, x) for x in range(1, 5)] + [(y, x) for y in range(1, 5) for x in range(-4, 5) if x * x + y * y < 25]
 
