@@ -231,3 +231,32 @@ sys.exit(main(sys.argv[1:]))
 def trap_entry() -> list:
     """The booby-trapped entry point, in place of `python launch/train_cam.py`."""
     return [sys.executable, "-c", TRAP_SOURCE]
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def single_rank_group(timeout_s: int = 60):
+    """A one-rank process group for in-process tests (a pytest fixture body: ``yield from``): the
+    launcher variables are set aside while it lives and restored after it."""
+    from hsc_fast import distributed as D
+    saved = {k: os.environ.pop(k) for k in LAUNCHER_ENV if k in os.environ}
+    info = D.init_distributed(timeout_s)
+    yield info
+    D.shutdown(info)
+    for k in LAUNCHER_ENV:
+        os.environ.pop(k, None)
+    os.environ.update(saved)
+
+
+def read_shard_members(out) -> dict:
+    """{key: {member: bytes}} over every shard of the shard folder ``out`` (read with tarfile)."""
+    import json
+    import tarfile
+    found = {}
+    for entry in json.loads((Path(out) / "index.json").read_text())["shards"]:
+        with tarfile.open(Path(out) / entry["file"]) as tf:
+            for info in tf:
+                key, _, ext = info.name.partition(".")
+                found.setdefault(key, {})[ext] = tf.extractfile(info).read()
+    return found

@@ -5,11 +5,11 @@ the module's code."""
 import copy
 import io
 import json
-import tarfile
 
 import numpy as np
 import pycocotools.mask as M
 import pytest
+import _faultutil as F
 from PIL import Image
 
 from hsc_fast import classes as C
@@ -142,14 +142,7 @@ def coco(tmp_path):
             "json": root / "annotations" / f"instances_{SPLIT}.json"}
 
 
-def read_members(out):
-    found = {}
-    for entry in json.loads((out / "index.json").read_text())["shards"]:
-        with tarfile.open(out / entry["file"]) as tf:
-            for info in tf:
-                k, _, ext = info.name.partition(".")
-                found.setdefault(k, {})[ext] = tf.extractfile(info).read()
-    return found
+read_members = F.read_shard_members
 
 
 def files(out):

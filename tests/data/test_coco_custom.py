@@ -2,10 +2,10 @@
 shard -> train -> evaluate. The fixture is generated here: 64x64 noise JPEGs with rectangle
 polygons, so every expected mask is a numpy rectangle."""
 import json
-import tarfile
 
 import numpy as np
 import pytest
+import _faultutil as F
 from PIL import Image
 
 from hsc_fast import classes as C
@@ -68,14 +68,7 @@ def dataset(tmp_path):
     return root, write_dataset(root, annotation_json())
 
 
-def shard_members(out):
-    found = {}
-    for entry in json.loads((out / "index.json").read_text())["shards"]:
-        with tarfile.open(out / entry["file"]) as tf:
-            for info in tf:
-                key, _, ext = info.name.partition(".")
-                found.setdefault(key, {})[ext] = tf.extractfile(info).read()
-    return found
+shard_members = F.read_shard_members
 
 
 def shard(root, out, *extra) -> int:

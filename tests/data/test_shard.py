@@ -6,6 +6,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import _faultutil as F
 import scipy.io
 
 from hsc_fast.data import samples as S
@@ -38,15 +39,7 @@ def tree(tmp_path, fixtures_dir, real_labels):
     return {"voc": voc, "sbd": sbd, "list": lst, "labels": labels, "tmp": tmp_path}
 
 
-def read_members(out):
-    """{key: {member: bytes}} over all shards of ``out`` (read with tarfile)."""
-    found = {}
-    for entry in json.loads((out / "index.json").read_text())["shards"]:
-        with tarfile.open(out / entry["file"]) as tf:
-            for info in tf:
-                key, _, ext = info.name.partition(".")
-                found.setdefault(key, {})[ext] = tf.extractfile(info).read()
-    return found
+read_members = F.read_shard_members
 
 
 def run(tree, out_name="out", **kw):

@@ -3,6 +3,7 @@ skipping of completed variants. No training here (the runner reuses the tested p
 import json
 
 import pytest
+import _faultutil as F
 import torch
 
 from hsc_fast.engine import ablation as A
@@ -295,7 +296,6 @@ def test_another_synthetic_set_size_needs_another_run_dir(tmp_path, base_cfg):
 
 
 # ------------------------------------------------------------------------------ paired seeds
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -308,15 +308,7 @@ def synth(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def group():
-    import os
-    from hsc_fast import distributed as D
-    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
-    info = D.init_distributed(60)
-    yield info
-    D.shutdown(info)
-    for k in DIST_ENV:
-        os.environ.pop(k, None)
-    os.environ.update(saved)
+    yield from F.single_rank_group(60)
 
 
 def tiny_sets(synth, seed: int) -> list:
@@ -396,7 +388,6 @@ def test_a_tiny_ablation_run_records_pairs_relative_paths_and_resumes(tmp_path):
     import subprocess
     import sys
     from scipy import stats
-    import _faultutil as F
     run = tmp_path / "run"
     cmd = [sys.executable, str(F.REPO / "launch" / "ablation.py"), "--run-dir", str(run), *TINY_RUN]
     first = subprocess.run(cmd, cwd=F.REPO, env=F.clean_env(), capture_output=True, text=True, timeout=600)

@@ -17,22 +17,20 @@ updates 8.1e-5, momentum buffers 6.1e-5 (relative to each tensor's scale; the RS
 gradient carries the largest round-off). With loss.crf.backend=dense the test fails at step 2.
 """
 import math
-import os
 
 import numpy as np
 import pytest
+import _faultutil as FU
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hsc_fast import distributed as D
 from hsc_fast.config import load_config
 from hsc_fast.losses.cam import crf_images
 from hsc_fast.data.voc import read_label_png, read_sbd_mat
 from losses.test_losses import official_csc, official_norm_cam, official_psc, official_rsc
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 STEPS, BATCH, SIZE1, SIZE2 = 3, 4, 192, 128
 WEIGHT_DECAY, BASE_LR, POLY_POWER, POLY_STEPS = 5e-4, 0.01, 0.9, 13215
 # The authors' from-scratch layers (fc8, proj_fc, f8_3, f8_4, f9, extra_F) by our module names;
@@ -271,13 +269,7 @@ def make_batch(photos, step: int) -> dict:
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def group():
-    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
-    info = D.init_distributed(60)
-    yield info
-    D.shutdown(info)
-    for k in DIST_ENV:
-        os.environ.pop(k, None)
-    os.environ.update(saved)
+    yield from FU.single_rank_group(60)
 
 
 def rel_error(ours: torch.Tensor, want: torch.Tensor) -> float:
