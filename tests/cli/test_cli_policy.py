@@ -90,7 +90,7 @@ def test_flag_names_and_defaults_are_kept():
     assert (seeds.config, seeds.local_rank, seeds.no_progress) == (None, 3, False)
     assert _parser("make_seeds").parse_args(["--data", "d", "--out", "o"]).local_rank is None
     assert _parser("ablation").parse_args(["--run-dir", "r"]).config == "ablation/demo"
-    assert _parser("pretrain").parse_args(["--out", "w.pth"]).config == "demo"
+    assert _parser("pretrain").parse_args(["--out", "w.pth"]).config == "demo_synthnet"
 
 
 def _voc_without_jpegs(tmp_path):

@@ -152,7 +152,7 @@ def test_completed_variants_are_skipped_and_stale_ones_refused(tmp_path, base_cf
     monkeypatch.setattr(A, "run_variant", fake_run_variant)
     root = _root(tmp_path, base_cfg)
     A.run_ablation(root, base_cfg, A.select_variants("seam,hsc_seam"), log=lambda *_: None)
-    assert ran_variants == ["seam", "hsc_seam"] and ran_stages == ["synth", "shard", "pretrain"]
+    assert ran_variants == ["seam", "hsc_seam"] and ran_stages == ["synth", "shard"]
     # second invocation: both complete -> nothing trained; a new variant runs; the table has all three
     results = A.run_ablation(root, base_cfg, A.select_variants("seam,eps,hsc_seam"), log=lambda *_: None)
     assert ran_variants == ["seam", "hsc_seam", "eps"]

@@ -71,7 +71,7 @@ def test_augment_is_a_flip_and_shift_of_the_batch():
 
 
 def test_batch_is_global_and_must_split_evenly():
-    cfg = load_config("demo", _tiny_overrides() + ["pretrain.batch_size=9"])
+    cfg = load_config("demo_synthnet", _tiny_overrides() + ["pretrain.batch_size=9"])
     with pytest.raises(ConfigError, match="pretrain.batch_size=9"):
         PT.train_classifier(cfg, "resnet18", rank=0, world=2, progress=False, log=lambda *_: None)
 
@@ -88,22 +88,22 @@ def test_precision_choice():
     assert PT.use_bf16("fp32", cpu) is False and PT.use_bf16("bf16", cpu) is True
     assert PT.use_bf16("auto", cpu) is False   # fp32 on every CPU model, AMX or not (issue 26)
     with pytest.raises(ConfigError, match="pretrain.precision"):
-        load_config("demo", ["pretrain.precision=fp8"])
+        load_config("demo_synthnet", ["pretrain.precision=fp8"])
     with pytest.raises(ConfigError, match="pretrain.steps"):
-        load_config("demo", ["pretrain.steps=0"])
+        load_config("demo_synthnet", ["pretrain.steps=0"])
 
 
 def test_fill_weights_points_empty_weights_at_the_run_and_nothing_else(tmp_path):
-    cfg = load_config("demo")
+    cfg = load_config("demo_synthnet")
     assert cfg.pretrain.enabled and cfg.model.weights == "" and cfg.deeplab.weights == ""
     assert PT.fill_weights(cfg, tmp_path) == ["model.weights", "deeplab.weights"]
     expected = str(tmp_path / "pretrain" / "synthnet_resnet18.pth")
     assert cfg.model.weights == cfg.deeplab.weights == expected
     assert PT.archs_to_train(cfg, tmp_path) == ["resnet18"]             # one file for both
-    given = load_config("demo", ["model.weights=/w/imagenet.pth", "deeplab.backbone=resnet50"])
+    given = load_config("demo_synthnet", ["model.weights=/w/imagenet.pth", "deeplab.backbone=resnet50"])
     assert PT.fill_weights(given, tmp_path) == ["deeplab.weights"]
     assert given.model.weights == "/w/imagenet.pth" and PT.archs_to_train(given, tmp_path) == ["resnet50"]
-    off = load_config("demo", ["pretrain.enabled=false"])
+    off = load_config("demo_synthnet", ["pretrain.enabled=false"])
     assert PT.fill_weights(off, tmp_path) == [] and off.model.weights == ""
     r38 = load_config("hsc_eps_official", ["pretrain.enabled=true", "model.weights=", "deeplab.weights=",
                                           "deeplab.backbone=resnet101"])  # SynthNet trains torchvision ResNets
@@ -120,7 +120,7 @@ def _tiny_overrides():
 def test_tiny_pretraining_writes_weights_that_load_like_imagenet_files(tmp_path):
     from hsc_fast.models.cam_net import build_cam_model
     from hsc_fast.models.deeplab import build_deeplab
-    cfg = load_config("demo", _tiny_overrides())
+    cfg = load_config("demo_synthnet", _tiny_overrides())
     out = tmp_path / "synthnet_resnet18.pth"
     summary = PT.pretrain(cfg, "resnet18", out, progress=False, log=lambda *_: None)
     state = torch.load(out, map_location="cpu", weights_only=True)
@@ -141,7 +141,7 @@ def test_tiny_pretraining_writes_weights_that_load_like_imagenet_files(tmp_path)
 
 def test_pretraining_fits_its_training_images(tmp_path):
     """A few dozen steps at 32 px already pull the training loss far below chance (ln 20)."""
-    cfg = load_config("demo", _tiny_overrides() + ["pretrain.images=200", "pretrain.steps=40",
+    cfg = load_config("demo_synthnet", _tiny_overrides() + ["pretrain.images=200", "pretrain.steps=40",
                                                    "pretrain.batch_size=32", "pretrain.warmup_steps=5",
                                                    "pretrain.log_every=10", "pretrain.lr=0.01"])
     PT.pretrain(cfg, "resnet18", tmp_path / "w.pth", progress=False, log=lambda *_: None)

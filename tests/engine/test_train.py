@@ -156,6 +156,40 @@ def test_official_optimizer_quirk_and_poly_schedule():
     assert not opt.state
 
 
+def test_backbone_lr_mult_scales_only_the_pretrained_groups():
+    from hsc_fast.errors import ConfigError
+    from hsc_fast.models import build_cam_model
+    cfg = load_config("demo", ["optim.lr=0.1", *RANDOM_INIT])
+    model = build_cam_model(cfg.model)
+    plain = {g["name"]: g["lr"] for g in build_optimizer(model, load_config("demo", [
+        "optim.lr=0.1", "optim.backbone_lr_mult=1", *RANDOM_INIT]).optim).param_groups}
+    assert plain == pytest.approx({k: v for k, v in {"backbone_weight": 0.1, "backbone_bias": 0.2, "new_weight": 1.0,
+                                                     "new_bias": 2.0}.items() if k in plain})
+    assert {"backbone_weight", "backbone_bias", "new_weight"} <= set(plain)
+    scaled = load_config("demo", ["optim.lr=0.1", "optim.backbone_lr_mult=0.01", *RANDOM_INIT])
+    got = {g["name"]: g["lr"] for g in build_optimizer(model, scaled.optim).param_groups}
+    assert got == pytest.approx({**{k: v * (0.01 if k.startswith("backbone") else 1.0) for k, v in plain.items()},
+                                 "quirk_weight": 0.1, "quirk_bias": 0.2})
+    # only the backbone's own parameters are scaled: the RSC projector of proj_lr_quirk keeps 1x / 2x
+    named = {id(p): n for n, p in model.named_parameters()}
+    for g in build_optimizer(model, scaled.optim).param_groups:
+        names = {named[id(p)] for p in g["params"]}
+        assert all(n.startswith("backbone.") for n in names) == g["name"].startswith("backbone"), g["name"]
+        assert g["name"] != "quirk_weight" or names and all(n.startswith("rsc_proj.") for n in names)
+    frozen = load_config("demo", ["optim.lr=0.1", "optim.backbone_lr_mult=0", *RANDOM_INIT])
+    opt = build_optimizer(model, frozen.optim)
+    sched = PolySchedule(opt, 0.9, 4)  # the schedule scales each group's own start: 0 stays 0
+    backbone = [p.detach().clone() for p in model.backbone.parameters() if p.requires_grad]
+    head = model.cam_head.weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sched.step()
+    assert all(torch.equal(a, p) for a, p in zip(backbone, (p for p in model.backbone.parameters() if p.requires_grad)))
+    assert not torch.equal(head, model.cam_head.weight)
+    with pytest.raises(ConfigError, match="optim.backbone_lr_mult"):
+        build_optimizer(model, load_config("demo", ["optim.backbone_lr_mult=-1", *RANDOM_INIT]).optim)
+
 def test_corrupt_samples_are_counted_not_fatal(synth, tmp_path):
     import shutil
     data = tmp_path / "synth"

