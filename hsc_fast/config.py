@@ -305,6 +305,8 @@ class RefineConfig:
     loss_reduction: str = _f("rank", "pair-loss means over: rank (each rank's batch; DDP averages) | batch (the "
                                      "whole global batch: pair counts summed over ranks, as PSA's DataParallel)")
     lr: float = _f(0.1, "base learning rate (x2 biases, x10 / x20 new layers), poly decay (PSA 0.1, SEAM 0.01)")
+    backbone_lr_mult: float = _f(1.0, "scales the backbone's lr groups (1x / 2x), as optim.backbone_lr_mult does "
+                                      "for the CAM network; 1.0 = PSA's recipe")
     weight_decay: float = _f(1e-4, "weight decay of the weights (biases none) (PSA: 5e-4)")
     momentum: float = _f(0.9, "SGD momentum (used unless momentum_quirk)")
     momentum_quirk: bool = _f(False, "PSA's SGD(params, lr, weight_decay): the weight-decay value lands in the "
@@ -336,6 +338,8 @@ class DeeplabConfig:
     lr_groups: str = _f("conv_1_2_10_20", "conv_1_2_10_20 (the authors': conv weights 1x, conv biases 2x, head "
                         "weights 10x, head biases 20x, no decay on biases) | backbone_head (1x / 10x, decay on all)")
     lr: float = _f(0.001, "base lr (the multipliers of lr_groups apply)")
+    backbone_lr_mult: float = _f(1.0, "scales the backbone's lr groups, as optim.backbone_lr_mult does for the "
+                                      "CAM network; 1.0 = the authors' recipe")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(5e-4, "weight decay")
     poly_power: float = _f(0.9, "poly power")
@@ -642,6 +646,9 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key '{key}': must be positive")
     if cfg.data.workers < 0:
         raise ConfigError("config key 'data.workers': must be >= 0")
+    for key in ("optim.backbone_lr_mult", "refine.backbone_lr_mult", "deeplab.backbone_lr_mult"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}': must be >= 0, got {get_key(cfg, key)}")
     for sec in ("loss", "seeds", "deeplab"):
         _check_crf_section(getattr(cfg, sec).crf, f"{sec}.crf")
 

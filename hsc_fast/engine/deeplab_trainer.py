@@ -87,7 +87,7 @@ def deeplab_optim_config(cfg: RunConfig) -> OptimConfig:
     (+ 1 with poly_plus_one: the authors' `(1 - itr / (max_itr + 1)) ** power`)."""
     dl = cfg.deeplab
     return OptimConfig(lr=dl.lr, weight_decay=dl.weight_decay, momentum=dl.momentum,
-                       official_momentum_quirk=False, poly_power=dl.poly_power,
+                       official_momentum_quirk=False, poly_power=dl.poly_power, backbone_lr_mult=dl.backbone_lr_mult,
                        poly_steps=dl.max_steps + (1 if dl.poly_plus_one else 0))
 
 

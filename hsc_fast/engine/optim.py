@@ -37,8 +37,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> "SkippableSGD":
     if not hasattr(model, "param_groups"):
         raise ConfigError("optim: the model must expose param_groups(lr, weight_decay) "
                           "(the official 1x/2x/10x/20x learning-rate groups)")
-    if cfg.backbone_lr_mult < 0:
-        raise ConfigError(f"config key 'optim.backbone_lr_mult': must be >= 0, got {cfg.backbone_lr_mult}")
     groups = model.param_groups(cfg.lr, cfg.weight_decay, **backbone_scale(cfg))
     groups = [g for g in groups if list(g["params"])]
     for g in groups:

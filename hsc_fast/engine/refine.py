@@ -190,7 +190,7 @@ def affinity_optim_config(cfg: RunConfig, steps: Optional[int] = None) -> OptimC
     (default refine.max_steps). refine.momentum_quirk: PSA's momentum = the weight-decay value."""
     r = cfg.refine
     return OptimConfig(lr=r.lr, weight_decay=r.weight_decay, momentum=r.momentum,
-                       official_momentum_quirk=r.momentum_quirk, poly_power=0.9,
+                       official_momentum_quirk=r.momentum_quirk, poly_power=0.9, backbone_lr_mult=r.backbone_lr_mult,
                        poly_steps=r.max_steps if steps is None else steps)
 
 

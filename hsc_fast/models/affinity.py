@@ -90,17 +90,19 @@ class AffinityNet(nn.Module):
         return self
 
     # -- optimisation --------------------------------------------------------------------------
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+    def param_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
         """train_aff.py's SGD groups over the trainable parameters (empty groups left out):
         backbone weights lr x1 (wd), backbone biases x2 (no wd), head weights x10 (wd), head
-        biases x20 (no wd). Each dict: params, lr, lr_mult, name, weight_decay."""
+        biases x20 (no wd); ``backbone_lr_mult`` scales the two backbone groups (refine.backbone_lr_mult).
+        Each dict: params, lr, lr_mult, name, weight_decay."""
         members = {name: [] for name, _, _ in LR_GROUPS}
         for pname, p in self.named_parameters():
             if p.requires_grad:
                 kind = "bias" if pname.endswith("bias") else "weight"
                 where = "backbone" if pname.startswith(BACKBONE_PREFIX) else "new"
                 members[f"{where}_{kind}"].append(p)
-        return [{"params": members[name], "lr": lr * mult, "lr_mult": mult, "name": name,
+        scale = {name: backbone_lr_mult if name.startswith("backbone") else 1.0 for name, _, _ in LR_GROUPS}
+        return [{"params": members[name], "lr": lr * mult * scale[name], "lr_mult": mult * scale[name], "name": name,
                  "weight_decay": weight_decay if decay else 0.0}
                 for name, mult, decay in LR_GROUPS if members[name]]
 

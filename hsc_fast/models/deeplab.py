@@ -135,13 +135,15 @@ class DeepLab(nn.Module):
         logits = self.head(self.backbone(x))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners)
 
-    def param_groups(self, lr: float, wd: float):
+    def param_groups(self, lr: float, wd: float, backbone_lr_mult: float = 1.0):
         """`lr_groups`: conv_1_2_10_20 (the authors': backbone conv weights 1x with decay, backbone
         conv biases 2x, head conv weights 10x with decay, head conv biases 20x, no decay on biases;
-        BatchNorm parameters in no group) or backbone_head (backbone 1x, head 10x, decay on all)."""
+        BatchNorm parameters in no group) or backbone_head (backbone 1x, head 10x, decay on all).
+        ``backbone_lr_mult`` (deeplab.backbone_lr_mult) scales the backbone's groups only."""
         if self.lr_groups == "backbone_head":
             return [
-                {"params": list(self.backbone.parameters()), "lr": lr, "weight_decay": wd, "lr_mult": 1.0},
+                {"params": list(self.backbone.parameters()), "lr": lr * backbone_lr_mult, "weight_decay": wd,
+                 "lr_mult": backbone_lr_mult},
                 {"params": list(self.head.parameters()), "lr": 10 * lr, "weight_decay": wd, "lr_mult": 10.0},
             ]
         groups = {name: [] for name in ("weight", "bias", "new_weight", "new_bias")}
@@ -154,7 +156,7 @@ class DeepLab(nn.Module):
                 p = getattr(m, kind)
                 if p is not None and p.requires_grad:
                     groups[prefix + kind].append(p)
-        mults = {"weight": 1.0, "bias": 2.0, "new_weight": 10.0, "new_bias": 20.0}
+        mults = {"weight": backbone_lr_mult, "bias": 2.0 * backbone_lr_mult, "new_weight": 10.0, "new_bias": 20.0}
         return [{"params": ps, "lr": lr * mults[n], "lr_mult": mults[n], "name": n,
                  "weight_decay": 0.0 if n.endswith("bias") else wd} for n, ps in groups.items()]
 

@@ -179,6 +179,12 @@ def test_optimiser_groups_bn_mode_and_poly_are_the_authors():
         schedule.step()
     ours = load_config("configs/deeplab.yaml", ["deeplab.poly_plus_one=false"])
     assert deeplab_optim_config(ours).poly_steps == dl.max_steps
+    # deeplab.backbone_lr_mult scales the backbone's groups only (1.0: the authors')
+    slow = load_config("configs/deeplab.yaml", ["deeplab.backbone_lr_mult=0.01"])
+    scaled = build_optimizer(model, deeplab_optim_config(slow)).param_groups
+    want = {"weight": 0.01 * lr, "bias": 0.02 * lr, "new_weight": 10 * lr, "new_bias": 20 * lr}
+    assert {g["name"]: g["lr"] for g in scaled} == pytest.approx({g["name"]: want[g["name"]] for g in scaled})
+    assert [[id(p) for p in g["params"]] for g in scaled] == [[id(p) for p in g["params"]] for g in opt.param_groups]
 
 
 def test_training_augmentation_follows_the_authors(photos):

@@ -166,6 +166,8 @@ def test_step_count_and_optimiser_are_psas():
     assert affinity_steps(cfg, 10582, world_size=2) == 10582 // 16 * 8
     opt = affinity_optim_config(cfg, 10576)
     assert effective_momentum(opt) == 5e-4 and opt.weight_decay == 5e-4 and opt.poly_steps == 10576
+    assert opt.backbone_lr_mult == 1.0 and affinity_optim_config(load_config(
+        "hsc_eps_official", ["refine.backbone_lr_mult=0.01"])).backbone_lr_mult == 0.01  # PSA's is 1.0
     ours = load_config("hsc_eps_official", ["refine.momentum_quirk=false", "refine.epochs=0"])
     assert effective_momentum(affinity_optim_config(ours)) == 0.9 and affinity_steps(ours, 10582) == ours.refine.max_steps
 

@@ -187,8 +187,9 @@ def test_backbone_lr_mult_scales_only_the_pretrained_groups():
     sched.step()
     assert all(torch.equal(a, p) for a, p in zip(backbone, (p for p in model.backbone.parameters() if p.requires_grad)))
     assert not torch.equal(head, model.cam_head.weight)
-    with pytest.raises(ConfigError, match="optim.backbone_lr_mult"):
-        build_optimizer(model, load_config("demo", ["optim.backbone_lr_mult=-1", *RANDOM_INIT]).optim)
+    for key in ("optim.backbone_lr_mult", "refine.backbone_lr_mult"):  # refused at load, before any work
+        with pytest.raises(ConfigError, match=key):
+            load_config("demo", [f"{key}=-1"])
 
 def test_corrupt_samples_are_counted_not_fatal(synth, tmp_path):
     import shutil

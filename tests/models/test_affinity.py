@@ -73,6 +73,9 @@ def test_frozen_parts_and_lr_groups():
         id(getattr(net, n).weight) for n in ("f8_3", "f8_4", "f8_5", "f9")}
     trainable = {id(p) for p in net.parameters() if p.requires_grad}
     assert trainable == {id(p) for g in groups.values() for p in g["params"]}
+    scaled = {g["name"]: g for g in net.param_groups(0.1, 5e-4, backbone_lr_mult=0.01)}  # refine.backbone_lr_mult
+    assert scaled["backbone_weight"]["lr"] == pytest.approx(0.001) and scaled["new_weight"]["lr"] == pytest.approx(1.0)
+    assert [id(p) for p in scaled["backbone_weight"]["params"]] == [id(p) for p in groups["backbone_weight"]["params"]]
 
 
 def test_frozen_bn_can_be_turned_off():
