@@ -36,10 +36,13 @@ def test_official_and_paper_presets_carry_their_recipes():
     assert demo.model.weights == demo.deeplab.weights == "imagenet:efficientnet_lite0" and demo.data.crop_size <= 128
     assert not demo.model.allow_random_init and not demo.deeplab.allow_random_init
     assert demo.model.frozen_bn and demo.deeplab.frozen_bn and demo.refine.init == "cam"
-    assert off.optim.backbone_lr_mult == 1.0 and 0 < demo.optim.backbone_lr_mult < 1
+    assert off.optim.backbone_lr_mult == off.refine.backbone_lr_mult == off.deeplab.backbone_lr_mult == 1.0
+    assert all(0 < m < 1 for m in (demo.optim.backbone_lr_mult, demo.refine.backbone_lr_mult,
+                                   demo.deeplab.backbone_lr_mult))
     synthnet = load_config("demo_synthnet")  # the option: ResNet-18 pretrained as SynthNet (stage pretrain)
     assert synthnet.model.backbone == synthnet.deeplab.backbone == "resnet18" and synthnet.pretrain.enabled
-    assert synthnet.model.weights == synthnet.deeplab.weights == "" and synthnet.optim.backbone_lr_mult == 1.0
+    assert synthnet.model.weights == synthnet.deeplab.weights == ""
+    assert synthnet.optim.backbone_lr_mult == synthnet.refine.backbone_lr_mult == synthnet.deeplab.backbone_lr_mult == 1.0
     assert synthnet.data == demo.data and synthnet.loss == demo.loss and synthnet.train == demo.train
 
 
