@@ -59,3 +59,23 @@ def test_a_method_that_needs_projectors_says_so():
     cfg = dataclasses.replace(LossConfig(), method="hsc_seam", crf=NO_CRF)
     with pytest.raises(ValueError, match="'hsc_seam' needs the contrast projectors"):
         method_losses(out1, out2, batch, PrototypeBanks(0), cfg)
+
+
+@pytest.mark.parametrize("formulation", ["code", "paper"])
+def test_contrast_terms_reach_the_cams_only_through_the_features(formulation):
+    """RSC / CSC / PSC take no gradient through the CAM or PCM outputs (their pseudo-labels and
+    prototype weights are constants): only the projector features, i.e. the backbone, carry them.
+    Why HSC cannot change the CAMs where the backbone barely trains (docs: results/ablation.md)."""
+    from losses.test_losses import cfg_small
+    out1, out2, batch = fake_outputs()
+    cfg = cfg_small(method="hsc_seam", crf=NO_CRF, contrast_size=4, formulation=formulation)
+    terms, _ = method_losses(out1, out2, batch, PrototypeBanks(0), cfg, generator=torch.Generator().manual_seed(0))
+    cams = [o[k] for o in (out1, out2) for k in ("cam", "cam_rv")]
+    feats = [o[k] for o in (out1, out2) for k in ("feat_psc", "feat_rsc")]
+    for name in ("rsc", "csc", "psc"):
+        to_cams = torch.autograd.grad(terms[name], cams, retain_graph=True, allow_unused=True)
+        assert all(g is None or not g.any() for g in to_cams), name
+        to_feats = torch.autograd.grad(terms[name], feats, retain_graph=True, allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in to_feats), name
+    to_cams = torch.autograd.grad(terms["cls"], cams, retain_graph=True, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in to_cams)  # the baseline terms do reach them
