@@ -16,8 +16,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hsc_fast.engine.ablation import cpu_model  # noqa: E402
-from hsc_fast.engine.runlog import git_sha  # noqa: E402
+from _benchmeta import cpu_name, git_sha  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
 KEYS = (("seed_miou", "seeds"), ("crf_miou", "seeds + CRF"), ("mask_miou", "Masks (PSA)"),
         ("deeplab_miou", "DeepLab"), ("deeplab_crf_miou", "DeepLab + CRF"))
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = sorted((run_row(r) for r in args.runs), key=lambda r: r["seed"])
     stats = {k: spread([r[k] for r in rows]) for k, _ in KEYS if all(k in r for r in rows)}
-    meta = {"git_commit": git_sha(), "cpu": cpu_model(), "note": args.note, "runs": rows, "stats": stats}
+    meta = {"git_commit": git_sha(), "cpu": cpu_name(), "note": args.note, "runs": rows, "stats": stats}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")

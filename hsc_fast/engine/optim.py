@@ -27,17 +27,13 @@ def effective_momentum(cfg: OptimConfig) -> float:
     return cfg.weight_decay if cfg.official_momentum_quirk else cfg.momentum
 
 
-def backbone_scale(cfg: OptimConfig) -> dict:
-    """param_groups' keyword for optim.backbone_lr_mult; none at 1.0, so models without it still work."""
-    return {} if cfg.backbone_lr_mult == 1.0 else {"backbone_lr_mult": cfg.backbone_lr_mult}
-
-
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> "SkippableSGD":
-    """SGD over `model.param_groups(lr, wd)` (1x/2x/10x/20x groups, each with its weight decay)."""
+    """SGD over `model.param_groups(lr, wd, backbone_lr_mult)` (1x/2x/10x/20x groups, each with its weight
+    decay; optim.backbone_lr_mult scales the backbone's)."""
     if not hasattr(model, "param_groups"):
-        raise ConfigError("optim: the model must expose param_groups(lr, weight_decay) "
+        raise ConfigError("optim: the model must expose param_groups(lr, weight_decay, backbone_lr_mult) "
                           "(the official 1x/2x/10x/20x learning-rate groups)")
-    groups = model.param_groups(cfg.lr, cfg.weight_decay, **backbone_scale(cfg))
+    groups = model.param_groups(cfg.lr, cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult)
     groups = [g for g in groups if list(g["params"])]
     for g in groups:
         g["params"] = [p for p in g["params"] if p.requires_grad]

@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from hsc_fast.errors import WeightsError
 from hsc_fast.models.backbones import build_backbone
-from hsc_fast.models.cam_net import LR_GROUPS
+from hsc_fast.models.cam_net import lr_group_dicts
 
 PSA_BRANCH_DIMS = (64, 128, 256)
 PSA_FEAT_DIM = 448
@@ -95,16 +95,13 @@ class AffinityNet(nn.Module):
         backbone weights lr x1 (wd), backbone biases x2 (no wd), head weights x10 (wd), head
         biases x20 (no wd); ``backbone_lr_mult`` scales the two backbone groups (refine.backbone_lr_mult).
         Each dict: params, lr, lr_mult, name, weight_decay."""
-        members = {name: [] for name, _, _ in LR_GROUPS}
+        members = {}
         for pname, p in self.named_parameters():
             if p.requires_grad:
                 kind = "bias" if pname.endswith("bias") else "weight"
                 where = "backbone" if pname.startswith(BACKBONE_PREFIX) else "new"
-                members[f"{where}_{kind}"].append(p)
-        scale = {name: backbone_lr_mult if name.startswith("backbone") else 1.0 for name, _, _ in LR_GROUPS}
-        return [{"params": members[name], "lr": lr * mult * scale[name], "lr_mult": mult * scale[name], "name": name,
-                 "weight_decay": weight_decay if decay else 0.0}
-                for name, mult, decay in LR_GROUPS if members[name]]
+                members.setdefault(f"{where}_{kind}", []).append(p)
+        return lr_group_dicts(members, lr, weight_decay, backbone_lr_mult)
 
     # -- weights -------------------------------------------------------------------------------
     def load_backbone_state(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:

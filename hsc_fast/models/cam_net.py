@@ -58,6 +58,25 @@ LR_GROUPS = (  # name, lr multiplier, weight decay applies
 )
 
 
+def lr_group_dicts(members: Mapping[str, list], lr: float, weight_decay: float,
+                   backbone_lr_mult: float = 1.0) -> list[dict]:
+    """SGD groups for the LR_GROUPS names (``members``: name -> parameters), empty ones left out.
+    The two backbone groups are scaled by ``backbone_lr_mult``; a ``quirk_<kind>`` member list (the
+    projector of proj_lr_quirk, split off when the backbone is scaled) follows its backbone group at
+    the unscaled 1x / 2x. Each dict: params, lr (= lr * lr_mult), lr_mult, name, weight_decay."""
+    groups = []
+    for name, mult, decay in LR_GROUPS:
+        where, kind = name.split("_")
+        wd = weight_decay if decay else 0.0
+        scale = backbone_lr_mult if where == "backbone" else 1.0
+        groups.append({"params": members.get(name, []), "lr": lr * mult * scale, "lr_mult": mult * scale,
+                       "name": name, "weight_decay": wd})
+        if where == "backbone":
+            groups.append({"params": members.get(f"quirk_{kind}", []), "lr": lr * mult, "lr_mult": mult,
+                           "name": f"quirk_{kind}", "weight_decay": wd})
+    return [g for g in groups if g["params"]]
+
+
 # ------------------------------------------------------------------------------------------------
 # PCM
 # ------------------------------------------------------------------------------------------------
@@ -225,34 +244,24 @@ class CamNet(nn.Module):
         return not (self.proj_lr_quirk and name.startswith("rsc_proj."))
 
     def param_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
-        """The official SGD groups over the trainable parameters (empty groups left out).
+        """The official SGD groups over the trainable parameters (lr_group_dicts).
 
-        Each dict: params, lr (= lr * lr_mult), weight_decay (0 for biases), lr_mult, name.
         ``backbone_lr_mult`` != 1 scales the backbone's own parameters only: under proj_lr_quirk the
         RSC/CSC projector (new, at 1x/2x) then gets groups of its own (``quirk_weight``/``quirk_bias``).
         """
-        members = {name: [] for name, _, _ in LR_GROUPS}
-        quirk = {"quirk_weight": [], "quirk_bias": []}
+        members = {}
         for pname, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             kind = "bias" if pname.endswith("bias") else "weight"
             if self._is_new(pname):
-                members[f"new_{kind}"].append(p)
+                where = "new"
             elif backbone_lr_mult != 1.0 and not pname.startswith("backbone."):
-                quirk[f"quirk_{kind}"].append(p)
+                where = "quirk"
             else:
-                members[f"backbone_{kind}"].append(p)
-        groups = []
-        for name, mult, decay in LR_GROUPS:
-            scale = backbone_lr_mult if name.startswith("backbone") else 1.0
-            groups.append({"params": members[name], "lr": lr * mult * scale, "lr_mult": mult * scale, "name": name,
-                           "weight_decay": weight_decay if decay else 0.0})
-            if name.startswith("backbone"):
-                kind = name.split("_")[1]
-                groups.append({"params": quirk[f"quirk_{kind}"], "lr": lr * mult, "lr_mult": mult,
-                               "name": f"quirk_{kind}", "weight_decay": weight_decay if decay else 0.0})
-        return [g for g in groups if g["params"]]
+                where = "backbone"
+            members.setdefault(f"{where}_{kind}", []).append(p)
+        return lr_group_dicts(members, lr, weight_decay, backbone_lr_mult)
 
     # -- weights ----------------------------------------------------------------------------
     def load_pretrained(self, path) -> "LoadReport":
